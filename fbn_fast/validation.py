@@ -1,0 +1,103 @@
+"""Validation where labels enter (data pipeline, users, ``validate=True`` on the loss).
+
+Each check raises ``ValueError`` naming the tensor, the row and the offending value. The checks read the
+values, so they synchronise with the device: call them on CPU tensors at load time, not in the hot loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if x.dtype.is_floating_point and x.element_size() < 4:  # numpy has no bfloat16
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _first(bad: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+def _where(name: str, idx: tuple[int, ...], value: Any) -> str:
+    row = idx[0]
+    col = f", column {idx[1]}" if len(idx) > 1 else ""
+    return f"{name}: row {row}{col} has value {value!r}"
+
+
+def _check_shape(name: str, arr: np.ndarray, shape: tuple[int | None, ...]) -> None:
+    ok = arr.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, arr.shape))
+    if not ok:
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name}: shape {tuple(arr.shape)}, expected {want}")
+
+
+def validate_relatedness(matrix: Any, num_classes: int | None = None, num_aus: int | None = None,
+                         name: str = "relatedness") -> None:
+    """A C×K matrix of finite probabilities in [0, 1]."""
+    m = _np(matrix).astype(np.float64, copy=False)
+    _check_shape(name, m, (num_classes, num_aus))
+    bad = ~np.isfinite(m) | (m < 0) | (m > 1)
+    if bad.any():
+        idx = _first(bad)
+        raise ValueError(_where(name, idx, float(m[idx])) + ", outside [0, 1]")
+
+
+def validate_labels(
+    expr: Any = None,
+    expr_mask: Any = None,
+    au: Any = None,
+    au_mask: Any = None,
+    va: Any = None,
+    va_mask: Any = None,
+    num_classes: int = 7,
+    num_aus: int = 17,
+    batch: int | None = None,
+) -> None:
+    """Check labels and masks of one batch (or a whole manifest); ``None`` skips a task.
+
+    Rules: ``expr`` in [0, C) where ``expr_mask``; ``au`` exactly 0 or 1 where ``au_mask``; ``va`` finite and
+    in [-1, 1] where ``va_mask``; every tensor of the batch length with the right trailing size.
+    """
+    pairs = [("expr", expr, expr_mask, ()), ("au", au, au_mask, (num_aus,)), ("va", va, va_mask, (2,))]
+    for name, lab, mask, trail in pairs:
+        if lab is None and mask is None:
+            continue
+        if lab is None or mask is None:
+            raise ValueError(f"{name} and {name}_mask must be given together")
+        lab, mask = _np(lab), _np(mask)
+        batch = lab.shape[0] if batch is None and lab.ndim > 0 else batch
+        _check_shape(name, lab, (batch, *trail))
+        mask_shape = (batch, num_aus) if name == "au" else (batch,)
+        _check_shape(f"{name}_mask", mask, mask_shape)
+        if mask.dtype != np.bool_:
+            if not np.isin(mask, (0, 1)).all():
+                idx = _first(~np.isin(mask, (0, 1)))
+                raise ValueError(_where(f"{name}_mask", idx, mask[idx].item()) + ", expected 0/1 or bool")
+            mask = mask.astype(bool)
+        if name == "expr":
+            if np.issubdtype(lab.dtype, np.floating):
+                frac = mask & (lab != np.round(lab))
+                if frac.any():
+                    idx = _first(frac)
+                    raise ValueError(_where("expr", idx, float(lab[idx])) + ", expected an integer class id")
+            bad = mask & ((lab < 0) | (lab >= num_classes))
+            if bad.any():
+                idx = _first(bad)
+                raise ValueError(_where("expr", idx, lab[idx].item()) + f", outside [0, {num_classes})")
+        elif name == "au":
+            bad = mask & ~((lab == 0) | (lab == 1))
+            if bad.any():
+                idx = _first(bad)
+                raise ValueError(_where("au", idx, float(lab[idx])) + ", expected 0 or 1 where annotated")
+        else:
+            lab = lab.astype(np.float64)
+            bad = mask[:, None] & ~(np.isfinite(lab) & (np.abs(lab) <= 1.0))
+            if bad.any():
+                idx = _first(bad)
+                raise ValueError(_where("va", idx, float(lab[idx])) + ", outside [-1, 1] or not finite")

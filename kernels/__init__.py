@@ -1,0 +1,1 @@
+"""Triton kernels of fbn_fast, installed as ``fbn_fast.kernels``."""
