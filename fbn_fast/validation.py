@@ -33,7 +33,7 @@ def _where(name: str, idx: tuple[int, ...], value: Any) -> str:
 def _check_shape(name: str, arr: np.ndarray, shape: tuple[int | None, ...]) -> None:
     ok = arr.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, arr.shape))
     if not ok:
-        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        want = str(tuple("*" if s is None else s for s in shape)).replace("'", "")
         raise ValueError(f"{name}: shape {tuple(arr.shape)}, expected {want}")
 
 

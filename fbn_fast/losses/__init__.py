@@ -118,11 +118,13 @@ def face_behavior_loss(
         validate_relatedness(relatedness, c, k)
         validate_labels(expr, expr_mask, au, au_mask, va, va_mask, num_classes=c, num_aus=k, batch=b)
 
-    labels = (expr.long(), expr_mask.bool(), au.float(), au_mask.bool(), va.float(), va_mask.bool())
-    rel = relatedness.float()
-    mu = None if va_means is None else va_means.float()
-    w = astuple(weights)
     name = resolve_backend(backend, dev)
+    # Fused backends read float32 labels and tables; the reference keeps float64 for float64 oracle runs.
+    ft = torch.float64 if name == "torch" and z_e.dtype == torch.float64 else torch.float32
+    labels = (expr.long(), expr_mask.bool(), au.to(ft), au_mask.bool(), va.to(ft), va_mask.bool())
+    rel = relatedness.to(ft)
+    mu = None if va_means is None else va_means.to(ft)
+    w = astuple(weights)
     if name == "torch":
         terms = reference_terms(z_e, z_a, v, *labels, rel, mu, w, temperature, eps)
     else:

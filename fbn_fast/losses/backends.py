@@ -3,7 +3,8 @@
 A fused backend lives in a module that, on import, registers its implementation with
 :func:`fbn_fast.losses.op.register_impl` under the backend's name and defines
 ``availability(backend: str, device: torch.device) -> str | None`` (``None`` when that backend can run
-on that device, else the reason it cannot). Importing is lazy, so a missing Triton or native build costs nothing until asked for.
+on that device, else the reason it cannot). Importing is lazy, so a missing Triton or native build
+costs nothing until asked for.
 """
 
 from __future__ import annotations
