@@ -291,3 +291,22 @@ def test_module_matches_functional_and_reports_backends():
     if report["cuda"] != "available":
         with pytest.raises(ValueError, match="not available on cpu"):
             resolve_backend("cuda", "cpu")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_public_api_compiles_fullgraph(backend):
+    batch = make_batch(b=16, seed=6, dtype=torch.float32)
+    batch = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
+    z = [batch.pop(n).requires_grad_() for n in ("z_e", "z_a", "v")]
+    compiled = torch.compile(lambda *zz: face_behavior_loss(*zz, **batch, backend=backend).total,
+                             fullgraph=True, backend="aot_eager")
+    out = compiled(*z)
+    out.backward()
+    got = [t.grad.clone() for t in z]
+    for t in z:
+        t.grad = None
+    ref = face_behavior_loss(*z, **batch, backend="torch").total
+    ref.backward()
+    torch.testing.assert_close(out.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for a, t in zip(got, z):
+        torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-6)

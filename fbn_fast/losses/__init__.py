@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import astuple, dataclass
 from typing import NamedTuple
 
@@ -45,7 +46,7 @@ class LossWeights:
 
     def __post_init__(self) -> None:
         for name, w in zip(WEIGHTS, astuple(self)):
-            if not (np.isfinite(w) and w >= 0):
+            if not (math.isfinite(w) and w >= 0):
                 raise ValueError(f"loss weight {name!r} must be finite and >= 0, got {w!r}")
 
     @classmethod

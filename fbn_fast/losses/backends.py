@@ -27,7 +27,20 @@ _PREFERENCE: dict[str, tuple[str, ...]] = {
 BACKENDS: tuple[str, ...] = ("torch", *_MODULES)
 
 
+#: (backend, device) -> reason it cannot run (None: it can), probed once per pair.
+_REASONS: dict[tuple[str, torch.device], str | None] = {}
+
+
+# Constant for a given (backend, device): torch.compile runs it once at trace time instead of tracing the import.
+@torch.compiler.assume_constant_result
 def _why_not(name: str, device: torch.device) -> str | None:
+    key = (name, device)
+    if key not in _REASONS:
+        _REASONS[key] = _probe(name, device)
+    return _REASONS[key]
+
+
+def _probe(name: str, device: torch.device) -> str | None:
     if name == "torch":
         return None
     try:

@@ -1,0 +1,30 @@
+// Host interface of the CUDA objective (objective_cuda.cu), free of CUDA and Python types so that the
+// pybind11 module (bind_cuda.cpp) compiles with the host compiler alone.
+#pragma once
+
+namespace fbn {
+
+// Storage dtype of z_e, z_a, v and their gradients; the math runs in float32 (float64 for kF64).
+enum CudaDtype { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+struct CudaLaunch {
+    int dtype;
+    bool face;  // the kernel specialised for C = 7, K = 17 (else any C, K)
+    int device;
+    void* stream;
+    long long grid, block, smem;
+    // z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means (or null),
+    // terms, grad_z_e, grad_z_a, grad_v, workspace
+    void* ptrs[16];
+    long long work_bytes, B;
+    int C, K, has_mu, use_smem;
+    double weights[6];
+    double inv_temperature, eps;
+};
+
+// Blocks of `block` threads that fit on the device at once (the cooperative launch limit).
+int cuda_max_blocks(int dtype, bool face, int block, long long smem, int device, int* out, char* err, int errlen);
+// Enqueues the kernel on a.stream; returns 0 or a CUDA error code with a message in err.
+int cuda_launch(const CudaLaunch& a, char* err, int errlen);
+
+}  // namespace fbn
