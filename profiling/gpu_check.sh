@@ -93,22 +93,39 @@ step env 20 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__ver
 triton.__version__, torch.cuda.get_device_name(0)); from fbn_fast.losses import available_backends; \
 print(available_backends(\"cuda\"))'"
 
+# Native objective: build the CPU and CUDA extension in place (sm_90 only, to keep the build short).
+step build_native 240 env FBN_FAST_CUDA=1 FBN_FAST_CUDA_ARCH=90 FBN_FAST_REQUIRE_EXT=1 "$PY" setup.py build_ext --inplace
+
 # Fused Triton objective: correctness, one launch, determinism, CUDA graphs, torch.compile, autocast.
-step test_triton 190 "$PY" -m pytest -m gpu tests/test_triton_objective.py -q -rA \
+step test_triton 150 "$PY" -m pytest -m gpu tests/test_triton_objective.py -q -rA \
     --junitxml="$OUT/test_triton.xml"
+
+# Native CUDA objective, built and NVRTC paths, against the reference.
+step test_native 120 "$PY" -m pytest -m gpu tests/test_native_objective.py -q -rA --junitxml="$OUT/test_native.xml"
 
 # Loss benchmark: eager reference, torch.compile (default, reduce-overhead) and every fused backend at
 # B = 4096, 1,048,576, 256, 65,536 (JSON rewritten after each measurement), with kernel counts, peak memory
 # and the byte floor.
-step bench_loss 210 "$PY" profiling/bench_loss.py --device cuda --iters 30 --out "$OUT/bench_loss-cuda.json"
+step bench_loss 180 "$PY" profiling/bench_loss.py --device cuda --iters 30 --out "$OUT/bench_loss-cuda.json"
+
+# Every other GPU test of the suite.
+step test_gpu_rest 60 "$PY" -m pytest -m gpu tests -q -rA --ignore=tests/test_triton_objective.py \
+    --ignore=tests/test_native_objective.py --junitxml="$OUT/test_gpu_rest.xml"
+
+# Input pipeline (nvJPEG through torchvision where it imports) and training throughput (ResNet-50, 112 px,
+# bf16, channels-last: trunk-only against end to end).
+step bench_loader 90 "$PY" profiling/bench_loader.py --device cuda --sizes 112 224 --out "$OUT/bench_loader-cuda.json"
+step bench_train 150 "$PY" profiling/bench_train.py --device cuda --trunk resnet50 --image-size 112 --batch-size 256 \
+    --amp bf16 --channels-last on --synth-size tiny --synth-image-size 128 --num-workers 8 \
+    --out "$OUT/bench_train-cuda.json"
 
 # Triton launch plans (rows per block, warps, stages, fused or split) at B = 4096 and 1,048,576.
 step bench_loss_sweep 60 "$PY" profiling/bench_loss.py --device cuda --skip-compile --batch 4096 1048576 \
     --iters 10 --triton-sweep --out "$OUT/bench_loss_sweep-cuda.json"
 
-# Every other GPU test of the suite.
-step test_gpu_rest 60 "$PY" -m pytest -m gpu tests -q -rA --ignore=tests/test_triton_objective.py \
-    --junitxml="$OUT/test_gpu_rest.xml"
+# Only a few files come back from a lent machine: pack the logs and XML, keep the JSON and the summary beside.
+tar czf "$OUT/logs.tar.gz" -C "$OUT" --exclude=logs.tar.gz --exclude='*.json' --exclude=summary.txt \
+    --exclude=.pyshim . 2>/dev/null && find "$OUT" -maxdepth 1 \( -name '*.log' -o -name '*.xml' \) -delete
 
 echo "done in ${SECONDS}s; summary: $SUMMARY"
 exit $FAILED
