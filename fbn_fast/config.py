@@ -99,7 +99,7 @@ class TrainConfig:
     weight_decay: float = _f(0.05, "optim", "decoupled weight decay (not applied to biases and norm scales)")
     momentum: float = _f(0.9, "optim", "SGD momentum")
     betas: list[float] = _f([0.9, 0.999], "optim", "Adam/LAMB betas", metavar="B")
-    epochs: float = _f(3.5, "optim", "training length in epochs (ignored when --steps > 0)")
+    epochs: float = _f(8.0, "optim", "training length in epochs (ignored when --steps > 0)")
     steps: int = _f(0, "optim", "training length in optimizer steps (0: from --epochs)")
     warmup_steps: int = _f(100, "optim", "linear warm-up steps before the cosine decay")
     min_lr_ratio: float = _f(0.01, "optim", "final learning rate as a fraction of --lr")

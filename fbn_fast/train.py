@@ -215,14 +215,6 @@ class _Progress:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
-    def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            if self.enabled and self.tty:
-                sys.stderr.write("\n")
-            sys.stderr.write(text + "\n")
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -781,7 +773,7 @@ class Trainer:
                 if self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
                     self.save()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                    self.run_evaluation(progress)
+                    self.run_evaluation()
                 if cfg.max_steps_per_run and self.step - started >= cfg.max_steps_per_run \
                         and self.step < self.total_steps:
                     status = "paused"
@@ -838,7 +830,8 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------------------------ evaluation
-    def run_evaluation(self, progress: _Progress | None = None) -> dict[str, Any]:
+    def run_evaluation(self) -> dict[str, Any]:
+        """Score the model on ``--eval-split`` of every dataset; writes eval.json and a metrics.jsonl record."""
         if self.env.distributed:
             # BN running statistics drift apart after the last step (each rank saw its own batch): score rank 0's.
             for b in self.model.buffers():
@@ -865,9 +858,7 @@ class Trainer:
             tmp.write_text(json.dumps(result, indent=1))
             os.replace(tmp, self.run_dir / "eval.json")
             for line in summarize_eval(result):
-                (progress.write if progress else log.info)(line)
-                if progress:
-                    log.info(line)
+                log.info(line)
         return result
 
     def write_plots(self, result: Mapping[str, Any] | None) -> list[Path]:

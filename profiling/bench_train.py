@@ -172,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     from fbn_fast.data.pipeline import build_loader
 
+                    # One epoch spans the whole measurement: no pipeline restart at an epoch boundary inside it
+                    # (the sampler draws from endless reshuffled streams, so a small set is fine).
                     loader = build_loader(manifest, root, batch_size=args.batch_size, image_size=args.image_size,
-                                          train=True, backend=args.loader_backend, num_workers=args.num_workers,
+                                          train=True, epoch_size=args.warmup + args.steps + 1,
+                                          backend=args.loader_backend, num_workers=args.num_workers,
                                           device=device, dtype=img_dtype)
                     row["loader_backend"] = loader.backend
                     try:
