@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .compound import zero_shot_logits
-from .labels import AUS, EXPRESSIONS, MISSING, NUM_AUS
+from .labels import AUS, EXPRESSIONS, MISSING, NUM_AUS, au_index
 from .metrics import MultiDatasetMetrics
 from .relatedness import Relatedness, compound_prior
 
@@ -327,6 +327,7 @@ def evaluate(
     train_manifest: Any = None,
     train_datasets: Sequence[str] | None = None,
     no_label_aus: Sequence[str] | None = None,
+    truth_pools: Mapping[str, Sequence[str]] | None = None,
     compound_classes: str | Sequence[int] = "present",
     beta: float = 0.0,
     temperature: float = 1.0,
@@ -337,8 +338,10 @@ def evaluate(
 
     Keys: ``datasets`` (``{dataset: {task: metrics}}``, each dataset scored on the tasks it labels, plus
     ``compound`` where it has compound labels), and with a hidden truth ``truth`` (``{dataset or "(all)":
-    {task: metrics}}`` on every task) and ``unlabelled_aus`` (the AUs with no label in the training manifest
-    — ``train_manifest`` / ``train_datasets`` or ``no_label_aus`` — their per-AU F1 and mean F1).
+    {task: metrics}}`` on every task; ``truth_pools`` adds named groups of datasets scored together) and
+    ``unlabelled_aus`` (the AUs with no label in the training manifest — ``train_manifest`` /
+    ``train_datasets`` or ``no_label_aus`` — their per-AU F1 and mean F1 over all images, per dataset and per
+    pool).
     ``batches`` replaces the data pipeline (any iterable of batch dicts of the pipeline's contract).
     """
     manifest_path = None if hasattr(manifest, "au_mask") else Path(manifest)
@@ -379,7 +382,12 @@ def evaluate(
     names = list(m.datasets)
     metrics = MultiDatasetMetrics(names, num_classes, num_aus, num_compounds=len(scorer),
                                   au_threshold=au_threshold, device=dev)
-    truth_metrics = MultiDatasetMetrics(names + [ALL], num_classes, num_aus, au_threshold=au_threshold,
+    pools = {str(k): [m.dataset_index(d) for d in v] for k, v in (truth_pools or {}).items()}
+    clash = (set(pools) & set(names)) | ({ALL} & set(pools))
+    if clash:
+        raise ValueError(f"truth_pools: names {sorted(clash)} clash with dataset names or {ALL!r}")
+    pool_members = {k: torch.as_tensor(np.isin(np.arange(len(names)), v), device=dev) for k, v in pools.items()}
+    truth_metrics = MultiDatasetMetrics(names + [ALL, *pools], num_classes, num_aus, au_threshold=au_threshold,
                                         device=dev) if truth is not None else None
     if truth is not None:
         t_expr = torch.as_tensor(truth.expr)
@@ -413,6 +421,11 @@ def evaluate(
                               au_mask=t_au_mask[idx].to(dev), va=t_va[idx].to(dev), va_mask=t_va_mask[idx].to(dev))
                 for group in (ds, len(names)):
                     truth_metrics.update(group, expr_logits=z_e, au_logits=z_a, va_pred=v, **labels)
+                for gi, member in enumerate(pool_members.values(), start=len(names) + 1):
+                    inside = member[ds]  # rows of this batch whose dataset is in the pool
+                    pooled = dict(labels, expr_mask=labels["expr_mask"] & inside,
+                                  au_mask=labels["au_mask"] & inside[:, None], va_mask=labels["va_mask"] & inside)
+                    truth_metrics.update(gi, expr_logits=z_e, au_logits=z_a, va_pred=v, **pooled)
             seen += int(z_e.shape[0])
     finally:
         if loader is not None and hasattr(loader, "close"):
@@ -436,13 +449,14 @@ def evaluate(
         if no_label_aus is None and train_manifest is not None:
             no_label_aus = unlabelled_aus(train_manifest, train_datasets)
         if no_label_aus is not None:
-            result["unlabelled_aus"] = _unlabelled_scores(result["truth"], no_label_aus)
+            result["unlabelled_aus"] = _unlabelled_scores(result["truth"], no_label_aus, set(pools))
     return result
 
 
-def _unlabelled_scores(truth: Mapping[str, Any], aus: Sequence[str]) -> dict[str, Any]:
-    """Per-AU and mean F1 of ``aus`` on the hidden truth, pooled over all images and per dataset."""
-    cols = [AUS.index(a) if a in AUS else AUS.index(f"AU{int(str(a).upper().removeprefix('AU'))}") for a in aus]
+def _unlabelled_scores(truth: Mapping[str, Any], aus: Sequence[str], pools: set[str] = frozenset()
+                       ) -> dict[str, Any]:
+    """Per-AU and mean F1 of ``aus`` on the hidden truth: over all images, per dataset and per pool."""
+    cols = [au_index(a) for a in aus]
     names = [AUS[c] for c in cols]
     out: dict[str, Any] = {"aus": names}
     for group, res in truth.items():
@@ -455,7 +469,7 @@ def _unlabelled_scores(truth: Mapping[str, Any], aus: Sequence[str]) -> dict[str
         if group == ALL:
             out.update(entry)
         else:
-            out.setdefault("per_dataset", {})[group] = entry
+            out.setdefault("per_pool" if group in pools else "per_dataset", {})[group] = entry
     return out
 
 

@@ -141,7 +141,8 @@ def test_evaluate_matches_independent_computation(data):
     model = _tiny_model()
     m, root = data["manifest"], data["root"]
     res = evaluate(model, data["path"], root, split="test", batch_size=5, image_size=SIZE, device="cpu",
-                   num_workers=0, train_manifest=data["path"])  # truth: manifest_full.npz beside the manifest
+                   num_workers=0, train_manifest=data["path"], truth_pools={"no_cmp": ["expr_va", "au_a"]})
+    # (truth: manifest_full.npz beside the manifest)
     test = np.flatnonzero(m.split_rows("test"))
     z_e, s, v = _reference_outputs(model, root, m, test)
     pred_e = z_e.argmax(1)
@@ -190,6 +191,11 @@ def test_evaluate_matches_independent_computation(data):
     sel = ds == 1
     part = _ref_au_f1(s[sel], t.au[test][sel], np.ones((sel.sum(), len(AUS)), bool))
     assert un["per_dataset"]["au_a"]["mean_f1"] == pytest.approx(part[NO_LABEL_TRAIN].mean())
+    sel = ds != 2  # the pool: every dataset but cmp
+    pool = _ref_au_f1(s[sel], t.au[test][sel], np.ones((sel.sum(), len(AUS)), bool))
+    assert un["per_pool"]["no_cmp"]["mean_f1"] == pytest.approx(pool[NO_LABEL_TRAIN].mean())
+    acc, _, _ = _ref_class(t.expr[test][sel].tolist(), pred_e[sel].tolist())
+    assert res["truth"]["no_cmp"]["expression"]["accuracy"] == pytest.approx(acc)
     text = format_report(res)
     assert "expr_va" in text and "no training label" in text
     json.dumps(res)  # JSON-able
@@ -272,6 +278,8 @@ def test_bad_options_name_themselves(data, tmp_path, capsys):
         evaluate(model, data["path"], data["root"], split="nope", device="cpu")
     with pytest.raises(ValueError, match="compound_classes"):
         evaluate(model, data["path"], data["root"], compound_classes="some", device="cpu")
+    with pytest.raises(ValueError, match="truth_pools"):
+        evaluate(model, data["path"], data["root"], truth_pools={"au_a": ["expr_va"]}, device="cpu")
     assert main([str(tmp_path / "missing.pt"), str(data["path"])]) == 2
     assert "checkpoint" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.pt"), str(data["path"]), "--threshold", "1.5"]) == 2
@@ -346,3 +354,26 @@ def test_low_label_manifest_rejects_bad_requests(data):
         low_label_manifest(m, keep_datasets=["au_a"], au_rows={"au_a": 1}, labelled_aus=[3])
     with pytest.raises(ValueError, match="nope"):
         low_label_manifest(m, keep_datasets=["nope"], au_rows={})
+
+
+def test_ablation_aggregates_seeds_and_checks_targets():
+    mod = _run_ablation_module()
+
+    def row(expr, unl, uar):
+        return {"expr_accuracy": expr, "expr_macro_f1": expr, "va_ccc": None, "au_a_mean_f1": 0.5,
+                "au_b_mean_f1": 0.4, "unlabelled_mean_f1": unl, "labelled_aus_mean_f1_truth": 0.6,
+                "unlabelled_aus": ["AU7"], "unlabelled_per_au_f1": {"AU7": unl},
+                "compound": {"accuracy": uar, "macro_f1": uar, "uar": uar}}
+
+    both = mod.aggregate([row(0.90, 0.40, 0.50), row(0.88, 0.44, 0.46)])
+    none = mod.aggregate([row(0.90, 0.20, 0.30), row(0.90, 0.30, 0.34)])
+    assert both["expr_accuracy"] == pytest.approx(0.89)
+    assert both["unlabelled_mean_f1_sd"] == pytest.approx(np.std([0.40, 0.44], ddof=1))
+    assert both["va_ccc"] is None and both["unlabelled_per_au_f1"]["AU7"] == pytest.approx(0.42)
+    checks = {t["what"]: t["met"] for t in mod.targets({"both": both, "none": none})}
+    assert checks == {"both vs none, mean F1 on the unlabelled AUs": True,  # +0.17
+                      "both vs none, expression accuracy": True,  # -1.0 point exactly
+                      "zero-shot compound UAR (both)": True}  # 0.48
+    worse = mod.aggregate([row(0.87, 0.30, 0.40)])
+    checks = {t["what"]: t["met"] for t in mod.targets({"both": worse, "none": none})}
+    assert not any(checks.values())

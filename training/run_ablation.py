@@ -56,6 +56,10 @@ VARIANTS: dict[str, tuple[float, float]] = {"none": (0.0, 0.0), "ca": (1.0, 0.0)
 #: Datasets of the low-label regime: all expression images, a few AU images.
 EXPRESSION_DATASETS = ("synth_expr_va", "synth_expr")
 AU_DATASET = "synth_au_a"
+COMPOUND_DATASET = "synth_compound"
+#: The pool the unlabelled AUs are scored on: the test images of every basic-expression dataset (the faces the
+#: model was trained on: compound faces are a held-out kind of face, reported apart).
+BASIC = "basic expressions"
 
 
 def low_label_manifest(
@@ -174,13 +178,13 @@ def _pooled_classification(results: Mapping[str, Any], task: str) -> dict[str, f
 
 
 def summarise(result: Mapping[str, Any]) -> dict[str, Any]:
-    """The table row of one variant from :func:`fbn_fast.evaluate.evaluate`'s result."""
-    from fbn_fast.evaluate import ALL
-
+    """The table row of one run from :func:`fbn_fast.evaluate.evaluate`'s result (with the ``basic`` pool)."""
     ds = result["datasets"]
-    truth = result.get("truth", {}).get(ALL, {})
+    truth = result.get("truth", {}).get(BASIC, {})
     expr = _pooled_classification(ds, "expression")
     un = result.get("unlabelled_aus", {})
+    basic = un.get("per_pool", {}).get(BASIC, {})
+    faces = un.get("per_dataset", {}).get(COMPOUND_DATASET, {})
     aus_truth = truth.get("au", {}).get("per_au_f1")
     labelled = [i for i, a in enumerate(AUS) if a not in set(un.get("aus", []))]
     row = {
@@ -191,18 +195,21 @@ def summarise(result: Mapping[str, Any]) -> dict[str, Any]:
         "au_a_mean_f1": ds.get(AU_DATASET, {}).get("au", {}).get("mean_f1"),
         "au_b_mean_f1": ds.get("synth_au_b", {}).get("au", {}).get("mean_f1"),
         "unlabelled_aus": un.get("aus"),
-        "unlabelled_mean_f1": un.get("mean_f1"),
-        "unlabelled_per_au_f1": un.get("per_au_f1"),
+        "unlabelled_mean_f1": basic.get("mean_f1"),
+        "unlabelled_per_au_f1": basic.get("per_au_f1"),
+        "unlabelled_mean_f1_compound_faces": faces.get("mean_f1"),
+        "unlabelled_mean_f1_all_images": un.get("mean_f1"),
         "labelled_aus_mean_f1_truth": (float(np.mean([aus_truth[i] for i in labelled]))
                                        if aus_truth and labelled else None),
-        "compound": {k: ds.get("synth_compound", {}).get("compound", {}).get(k)
+        "compound": {k: ds.get(COMPOUND_DATASET, {}).get("compound", {}).get(k)
                      for k in ("accuracy", "macro_f1", "uar")},
     }
     return row
 
 
 _HEADLINE = ("expr_accuracy", "expr_macro_f1", "va_ccc", "au_a_mean_f1", "au_b_mean_f1", "unlabelled_mean_f1",
-             "labelled_aus_mean_f1_truth", "train_seconds", "images_per_s")
+             "unlabelled_mean_f1_compound_faces", "unlabelled_mean_f1_all_images", "labelled_aus_mean_f1_truth",
+             "train_seconds", "images_per_s")
 
 
 def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -241,8 +248,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     lam_ca, lam_dm = report["lambdas"]
     un = next((r["unlabelled_aus"] for r in rows.values() if r.get("unlabelled_aus")), []) or []
     head = ["variant", "λ_ca", "λ_dm", "expr acc", "expr F1", "VA CCC", "AU F1 (au_a)", "AU F1 (au_b)",
-            "**F1, unlabelled AUs**", *[a.replace("AU", "AU ") for a in un], "compound acc", "compound UAR",
-            "train s"]
+            "**F1, unlabelled AUs**", *[a.replace("AU", "AU ") for a in un], "same, compound faces",
+            "compound acc", "compound UAR", "train s"]
     seeds = report["seeds"]
     lines = [f"# Co-training ablation on a SynthFace low-label regime ({report['machine']['label']})", "",
              f"Measured {report['date']} on {report['machine']['description']}; torch {report['machine']['torch']}; "
@@ -255,15 +262,17 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                  _pm(r["expr_accuracy"], r["expr_accuracy_sd"]), _f(r["expr_macro_f1"]), _f(r["va_ccc"]),
                  _f(r["au_a_mean_f1"]), _f(r["au_b_mean_f1"]),
                  f"**{_pm(r['unlabelled_mean_f1'], r['unlabelled_mean_f1_sd'])}**",
-                 *[_f(r["unlabelled_per_au_f1"].get(a)) for a in un],
+                 *[_f(r["unlabelled_per_au_f1"].get(a)) for a in un], _f(r["unlabelled_mean_f1_compound_faces"]),
                  _f(r["compound"]["accuracy"]), _pm(r["compound"]["uar"], r["compound"]["uar_sd"]),
                  _f(r.get("train_seconds"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Columns: expression accuracy / macro-F1 over the expression-labelled test sets (synth_expr_va and "
               "synth_expr pooled); VA CCC on synth_expr_va; mean AU F1 on the test sets of synth_au_a (its 12 AUs, "
               "all labelled in training) and synth_au_b (BP4D-like AUs, five of them never labelled in training); "
-              "F1 on the AUs with no training label, over every test image with its hidden true AUs (the "
-              "columns after it: per AU); zero-shot compound accuracy / UAR on synth_compound "
+              "mean F1 on the AUs with no training label over the test images of the five basic-expression "
+              "datasets, each scored on its hidden true AUs (the columns after it: per AU, then the same mean on "
+              "the compound-expression faces, a kind of face never trained on); zero-shot compound accuracy / UAR "
+              "on synth_compound "
               f"({report['compound_classes']} classes, β = 0); training wall time per run in seconds (the machine "
               "was shared with other jobs, so times vary)."]
     if "full" in rows:
@@ -287,16 +296,16 @@ def targets(rows: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
         if b["unlabelled_mean_f1"] is not None and n["unlabelled_mean_f1"] is not None:
             gain = b["unlabelled_mean_f1"] - n["unlabelled_mean_f1"]
             out.append({"what": "both vs none, mean F1 on the unlabelled AUs", "value": f"{gain:+.3f}",
-                        "target": ">= +0.15", "met": gain >= 0.15})
+                        "target": ">= +0.15", "met": gain >= 0.15 - 1e-9})
         if b["expr_accuracy"] is not None and n["expr_accuracy"] is not None:
             diff = 100 * (b["expr_accuracy"] - n["expr_accuracy"])
             out.append({"what": "both vs none, expression accuracy", "value": f"{diff:+.2f} points",
-                        "target": ">= -1 point", "met": diff >= -1.0})
+                        "target": ">= -1 point", "met": diff >= -1.0 - 1e-9})
     for name in ("both", "full"):
         if name in rows and rows[name]["compound"]["uar"] is not None:
             uar = rows[name]["compound"]["uar"]
             out.append({"what": f"zero-shot compound UAR ({name})", "value": f"{uar:.3f}", "target": ">= 0.48",
-                        "met": uar >= 0.48})
+                        "met": uar >= 0.48 - 1e-9})
     return out
 
 
@@ -387,12 +396,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     low_path = runs_dir / "lowlabel_manifest.npz"
     low.save(low_path)
     no_label = unlabelled_aus(low)
+    basic_datasets = [d for d in low.datasets if d != COMPOUND_DATASET]
     shown = recipe.resolve().relative_to(REPO) if recipe.resolve().is_relative_to(REPO) else recipe
+    trunk_opts = f" {json.dumps(cfg.trunk_kwargs)}" if cfg.trunk_kwargs else ""
     regime = (f"Regime: training split = every image of {', '.join(EXPRESSION_DATASETS)} (expression labels; VA "
               f"on synth_expr_va) + {args.au_images} images of {AU_DATASET} with AU labels "
               f"({'all its AUs' if labelled is None else ', '.join(labelled)}); no training label at all for "
               f"{', '.join(no_label)}. SynthFace {cfg.synth_size} (seed {cfg.synth_seed}, {cfg.synth_image_size} px), "
-              f"trunk {cfg.trunk} {cfg.trunk_kwargs or ''} at {cfg.image_size} px, {cfg.steps} steps of "
+              f"trunk {cfg.trunk}{trunk_opts} at {cfg.image_size} px, {cfg.steps} steps of "
               f"{cfg.batch_size} images, relatedness {cfg.relatedness}, T = {cfg.temperature}, recipe {shown}.")
     print(f"[ablation] {regime}", flush=True)
 
@@ -417,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model, _, _ = load_model(ckpt, map_location=args.device)
             result = evaluate(model, published, synth_dir, split="test", batch_size=cfg.eval_batch_size,
                               image_size=cfg.image_size, device=args.device, num_workers=cfg.num_workers,
-                              no_label_aus=no_label)
+                              no_label_aus=no_label, truth_pools={BASIC: basic_datasets})
             print(f"[ablation] {run}:\n{format_report(result)}", flush=True)
             row = {**summarise(result), **timing}
             per_seed.append(row)
