@@ -26,7 +26,7 @@ int max_blocks(int dtype, bool face, int block, long long smem, int device) {
 void launch(int dtype, bool face, int device, std::uintptr_t stream, long long grid, long long block, long long smem,
             py::sequence ptrs, long long work_bytes, long long B, int C, int K, bool has_mu, bool use_smem,
             py::sequence weights, double inv_temperature, double eps) {
-    if (py::len(ptrs) != 16) throw std::invalid_argument("launch: ptrs must hold 16 addresses");
+    if (py::len(ptrs) != 17) throw std::invalid_argument("launch: ptrs must hold 17 addresses");
     if (py::len(weights) != 6) throw std::invalid_argument("launch: weights must hold 6 values");
     fbn::CudaLaunch a{};
     a.dtype = dtype;
@@ -36,7 +36,7 @@ void launch(int dtype, bool face, int device, std::uintptr_t stream, long long g
     a.grid = grid;
     a.block = block;
     a.smem = smem;
-    for (int i = 0; i < 16; ++i) a.ptrs[i] = reinterpret_cast<void*>(ptrs[i].cast<std::uintptr_t>());
+    for (int i = 0; i < 17; ++i) a.ptrs[i] = reinterpret_cast<void*>(ptrs[i].cast<std::uintptr_t>());
     a.work_bytes = work_bytes;
     a.B = B;
     a.C = C;

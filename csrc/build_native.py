@@ -110,6 +110,30 @@ def cuda_plan() -> tuple[bool, str]:
     return True, "nvcc, CUDA runtime and driver found"
 
 
+def build_py_command():
+    """A ``build_py`` that also ships the CUDA sources inside the package (``fbn_fast/_csrc``), with or without
+    the extension, so that the ``cuda`` backend can compile them at run time through cupy/NVRTC."""
+    from setuptools.command.build_py import build_py
+
+    class BuildPyWithSources(build_py):
+        def run(self) -> None:
+            super().run()
+            if not getattr(self, "editable_mode", False):  # editable: csrc/ stays next to the package
+                for src, dst in self._shipped():
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    shutil.copyfile(src, dst)
+
+        def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+            shipped = [] if getattr(self, "editable_mode", False) else [dst for _, dst in self._shipped()]
+            return super().get_outputs(include_bytecode) + shipped
+
+        def _shipped(self) -> list[tuple[str, str]]:
+            return [(os.path.join(HERE, n), os.path.join(self.build_lib, "fbn_fast", "_csrc", n))
+                    for n in SHIPPED_SOURCES]
+
+    return BuildPyWithSources
+
+
 def native_build():
     """``(ext_modules, cmdclass)`` for ``setup()``; empty when pybind11 is missing (and not required)."""
     from setuptools import Extension
@@ -135,22 +159,7 @@ def native_build():
                               depends=[_rel(CUDA_SOURCE), _rel("objective_math.h"), _rel("objective_cuda.h")]))
 
     class BuildNative(build_ext):
-        """Adds OpenMP where it compiles, runs nvcc for the CUDA part, skips what fails to build, and ships the
-        CUDA sources inside the package (``fbn_fast/_csrc``) for run-time compilation through cupy/NVRTC."""
-
-        def run(self) -> None:
-            super().run()
-            if not self.inplace:  # an in-place build keeps csrc/ next to the package, where native.py looks
-                for src, dst in self._shipped():
-                    os.makedirs(os.path.dirname(dst), exist_ok=True)
-                    shutil.copyfile(src, dst)
-
-        def get_outputs(self) -> list[str]:
-            return super().get_outputs() + ([] if self.inplace else [dst for _, dst in self._shipped()])
-
-        def _shipped(self) -> list[tuple[str, str]]:
-            return [(os.path.join(HERE, n), os.path.join(self.build_lib, "fbn_fast", "_csrc", n))
-                    for n in SHIPPED_SOURCES]
+        """Adds OpenMP where it compiles, runs nvcc for the CUDA part and skips what fails to build."""
 
         def build_extensions(self) -> None:
             failed = []

@@ -154,7 +154,8 @@ __global__ void __launch_bounds__(256) objective_kernel(
     const TIn* __restrict__ ze, const TIn* __restrict__ za, const TIn* __restrict__ v,
     const long long* __restrict__ expr, const unsigned char* __restrict__ em, const T* __restrict__ au,
     const unsigned char* __restrict__ am, const T* __restrict__ va, const unsigned char* __restrict__ vm,
-    const T* __restrict__ rel, const T* __restrict__ mu, T* __restrict__ terms, TIn* __restrict__ gze,
+    const T* __restrict__ rel, const T* __restrict__ mu, T* __restrict__ terms, float* __restrict__ total,
+    TIn* __restrict__ gze,
     TIn* __restrict__ gza, TIn* __restrict__ gv, unsigned char* __restrict__ work, long long work_bytes,
     long long B, int C_rt, int K_rt, int has_mu, int use_smem, double w0, double w1, double w2, double w3,
     double w4, double w5, double inv_t, double eps) {
@@ -179,6 +180,7 @@ __global__ void __launch_bounds__(256) objective_kernel(
     const long long need = reinterpret_cast<unsigned char*>(scr) - work + scratch;
     if (need > work_bytes) {  // a caller bug; every thread sees the same sizes, so nobody waits at a sync
         if (gtid < 9) terms[gtid] = T(quiet_nan());
+        if (gtid == 0 && total) *total = static_cast<float>(quiet_nan());
         return;
     }
 
@@ -258,7 +260,12 @@ __global__ void __launch_bounds__(256) objective_kernel(
     grid.sync();
     if (blockIdx.x == 0) {
         grid_sum<NSUM2>(part2, gridDim.x, tot2);
-        if (threadIdx.x == 0) finalize_terms<T>(tot1, tot2, w, B, K, has_mu != 0, terms);
+        if (threadIdx.x == 0) {
+            finalize_terms<T>(tot1, tot2, w, B, K, has_mu != 0, terms);
+            // The differentiable total as an allocation of its own (optional): autograd then hands the
+            // incoming gradient straight to the backward's scaling, with no scatter into the term vector.
+            if (total) *total = static_cast<float>(terms[0]);
+        }
     }
 }
 
@@ -328,11 +335,11 @@ int cuda_launch(const CudaLaunch& a, char* err, int errlen) {
     int C = a.C, K = a.K, has_mu = a.has_mu, use_smem = a.use_smem;
     double w0 = a.weights[0], w1 = a.weights[1], w2 = a.weights[2], w3 = a.weights[3], w4 = a.weights[4],
            w5 = a.weights[5], inv_t = a.inv_temperature, eps = a.eps;
-    void* p[16];
-    for (int i = 0; i < 16; ++i) p[i] = a.ptrs[i];
-    void* args[] = {&p[0],  &p[1],  &p[2],  &p[3],  &p[4],  &p[5],  &p[6],   &p[7],   &p[8],   &p[9],
-                    &p[10], &p[11], &p[12], &p[13], &p[14], &p[15], &work_bytes, &B, &C, &K,
-                    &has_mu, &use_smem, &w0, &w1, &w2, &w3, &w4, &w5, &inv_t, &eps};
+    void* p[17];
+    for (int i = 0; i < 17; ++i) p[i] = a.ptrs[i];
+    void* args[] = {&p[0],  &p[1],  &p[2],  &p[3],  &p[4],  &p[5],  &p[6],  &p[7],      &p[8], &p[9],
+                    &p[10], &p[11], &p[12], &p[13], &p[14], &p[15], &p[16], &work_bytes, &B,   &C,
+                    &K,     &has_mu, &use_smem, &w0, &w1, &w2, &w3, &w4, &w5, &inv_t, &eps};
     e = cudaLaunchCooperativeKernel(fn, dim3(static_cast<unsigned>(a.grid)), dim3(static_cast<unsigned>(a.block)),
                                     args, static_cast<size_t>(a.smem), static_cast<cudaStream_t>(a.stream));
     if (e != cudaSuccess) return fail(e, "cudaLaunchCooperativeKernel", err, errlen);

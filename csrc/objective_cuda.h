@@ -14,8 +14,8 @@ struct CudaLaunch {
     void* stream;
     long long grid, block, smem;
     // z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means (or null),
-    // terms, grad_z_e, grad_z_a, grad_v, workspace
-    void* ptrs[16];
+    // terms, total (float32, or null), grad_z_e, grad_z_a, grad_v, workspace
+    void* ptrs[17];
     long long work_bytes, B;
     int C, K, has_mu, use_smem;
     double weights[6];

@@ -125,7 +125,7 @@ if triton is not None:
                                    "s_ge1", "s_ga1", "s_r1"])
     def _objective_kernel(
         ze_ptr, za_ptr, v_ptr, expr_ptr, me_ptr, au_ptr, ma_ptr, va_ptr, mv_ptr, r_ptr, mu_ptr,
-        terms_ptr, ge_ptr, ga_ptr, gv_ptr, sync_ptr, cnt_ptr, stat_ptr, part_ptr, tab_ptr,
+        terms_ptr, total_ptr, ge_ptr, ga_ptr, gv_ptr, sync_ptr, cnt_ptr, stat_ptr, part_ptr, tab_ptr,
         B, C, K, nprog, tab_stride,
         s_ze0, s_ze1, s_za0, s_za1, s_v0, s_v1, s_ex, s_me, s_au0, s_au1, s_ma0, s_ma1, s_va0, s_va1, s_mv,
         s_r0, s_r1, s_mu0, s_mu1, s_ge0, s_ge1, s_ga0, s_ga1, s_gv0, s_gv1,
@@ -493,6 +493,7 @@ if triton is not None:
                 l_va = enough * (1.0 - 0.5 * (ccc0 + ccc1))
                 total = (w_expr * l_expr + w_au * l_au + w_va * l_va + w_ca * (l_caea + l_caae)
                          + w_dm * (l_dmea + l_dmae) + w_ev * l_dmev)
+                tl.store(total_ptr, total.to(tl.float32))  # the differentiable output, apart from the log vector
                 tl.store(terms_ptr + 0, total.to(tl.float32))
                 tl.store(terms_ptr + 1, l_expr.to(tl.float32))
                 tl.store(terms_ptr + 2, l_au.to(tl.float32))
@@ -640,8 +641,8 @@ def triton_objective(
     temperature: float, eps: float, *, split: bool | None = None, block_b: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, programs: int | None = None,
     use_dot: bool | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``[total, *TERMS]`` (float32) and the gradients of the total w.r.t. ``z_e``, ``z_a``, ``v``.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The total (0-d), ``[total, *TERMS]`` (float32) and the gradients of the total w.r.t. ``z_e``, ``z_a``, ``v``.
 
     The implementation of backend ``triton`` for :func:`fbn_fast.losses.op.objective`. The keywords
     override the launch plan, for tests and tuning: ``split`` (two launches instead of the grid barrier; under
@@ -673,6 +674,7 @@ def triton_objective(
     nblocks = -(-b // block)
 
     terms = torch.empty(9, dtype=torch.float32, device=device)
+    total = torch.empty((), dtype=torch.float32, device=device)
     g_e, g_a, g_v = torch.empty_like(z_e), torch.empty_like(z_a), torch.empty_like(v)
     mu = relatedness if va_means is None else va_means  # placeholder pointer when there is no μ
     scalars = _scalar_args(tuple(float(x) for x in (*weights, 1.0 / temperature, eps)))
@@ -684,12 +686,12 @@ def triton_objective(
         slots = max(1, min(programs or 1, nblocks))
     args = [
         z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, mu,
-        terms, g_e, g_a, g_v, _sync_buffer(device),
+        terms, total, g_e, g_a, g_v, _sync_buffer(device),
         torch.empty(slots * _NCNT, dtype=torch.int32, device=device),
         torch.empty(slots * _NSTAT, dtype=acc_t, device=device),
         torch.empty(slots * _NPART, dtype=acc_t, device=device),
         torch.empty(3 * c_pad * k_pad, dtype=acc_t, device=device),
-        b, c, k, 1, 1,  # slot 23: the number of programs, set below; then the tables' column stride
+        b, c, k, 1, 1,  # slot 24: the number of programs, set below; then the tables' column stride
         z_e.stride(0), z_e.stride(1), z_a.stride(0), z_a.stride(1), v.stride(0), v.stride(1),
         expr.stride(0), expr_mask.stride(0), au.stride(0), au.stride(1), au_mask.stride(0), au_mask.stride(1),
         va.stride(0), va.stride(1), va_mask.stride(0), relatedness.stride(0), relatedness.stride(1),
@@ -724,23 +726,23 @@ def triton_objective(
                                       "shared": int(compiled.metadata.shared), "programs_per_sm": occ}
         cap = _sm_count(device) * occ
         nprog = min(programs or cap, cap, nblocks)
-    args[23] = nprog
+    args[24] = nprog
     last_plan.update(programs=nprog, block_b=block, num_warps=num_warps, fused=fused, use_dot=use_dot)
     if not fused:  # two launches, no barrier: phase 1, then the main pass reading its partial slots
         _objective_kernel[(nprog,)](*args, **meta, DO_STATS=True, DO_MAIN=False, SYNC=False)
         _objective_kernel[(nprog,)](*args, **meta, DO_STATS=False, DO_MAIN=True, SYNC=False)
-        return terms, g_e, g_a, g_v
+        return total, terms, g_e, g_a, g_v
     while True:
         try:
             _objective_kernel[(nprog,)](*args, **meta, DO_STATS=True, DO_MAIN=True, SYNC=True)
-            return terms, g_e, g_a, g_v
+            return total, terms, g_e, g_a, g_v
         except RuntimeError:
             # The driver refused a cooperative grid larger than what fits at once (our occupancy estimate
             # was optimistic): nothing ran, so retry with fewer programs per SM and remember it.
             if on_gpu and occ > 1 and not torch.cuda.is_current_stream_capturing():
                 occ = _OCC[key] = occ // 2
                 LAUNCH_INFO.get(repr(key), {})["programs_per_sm"] = occ
-                nprog = args[23] = last_plan["programs"] = min(nprog, _sm_count(device) * occ)
+                nprog = args[24] = last_plan["programs"] = min(nprog, _sm_count(device) * occ)
                 continue
             raise
 

@@ -250,8 +250,9 @@ def test_cpu_backend_through_the_loss_and_op():
     for n, r in zip(("z_e", "z_a", "v"), ref[1:]):
         torch.testing.assert_close(z[n].grad.double(), 2.0 * r, rtol=2e-5, atol=2e-5 * float(r.abs().max()))
     args = [case[n] for n in NAMES]
-    terms, *_ = objective(*args, [1.0] * 6, 1.0, 0.05, "cpu")
+    total, terms, *_ = objective(*args, [1.0] * 6, 1.0, 0.05, "cpu")
     assert terms.dtype == torch.float32 and terms.shape == (9,)
+    assert total.shape == () and torch.equal(total, terms[0]) and total.data_ptr() != terms.data_ptr()
 
 
 # ------------------------------------------------------------------------------------- availability
@@ -303,11 +304,15 @@ def test_install_without_extension(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--no-compile", "--target", str(target), str(src)], check=True, env=env, cwd=tmp_path)
     assert not list(target.glob("fbn_fast/_native*"))
+    # The CUDA sources are shipped anyway: the cuda backend can still compile them at run time (cupy/NVRTC).
+    assert {p.name for p in target.glob("fbn_fast/_csrc/*")} == {"objective_cuda.cu", "objective_math.h"}
     probe = (
         "import torch, fbn_fast; from fbn_fast.losses import available_backends, resolve_backend\n"
         f"assert fbn_fast.__file__.startswith({str(target)!r}), fbn_fast.__file__\n"
         "why = available_backends('cpu')['cpu']; assert 'not built' in why, why\n"
         "assert resolve_backend('auto', 'cpu') == 'torch'\n"
+        "from fbn_fast.losses import native\n"
+        f"assert native._csrc_dir().startswith({str(target)!r}) and 'finalize_terms' in native.nvrtc_source()\n"
         "z = torch.zeros(2, 7, requires_grad=True)\n"
         "out = fbn_fast.FaceBehaviorLoss(torch.full((7, 17), 0.5))(z, torch.zeros(2, 17), torch.zeros(2, 2))\n"
         "out.total.backward(); print('ok')\n"
@@ -494,6 +499,40 @@ def test_cuda_one_launch_deterministic_and_graph_safe():
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(a, b) for a, b in zip(first, captured))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_forward_and_backward_through_the_api_are_two_launches(monkeypatch):
+    # As for the Triton backend: the forward kernel (which also writes the total apart from the term vector)
+    # and one multi-tensor kernel scaling the stored gradients.
+    paths = _gpu_paths()
+    if not paths:
+        pytest.skip(native.availability("cuda", torch.device("cuda")))
+    case = make_case(4096, seed=91, dtype=torch.float32)
+    cuda = _to(case, "cuda")
+    z = [cuda[n].detach().requires_grad_() for n in ("z_e", "z_a", "v")]
+    labels = {n: cuda[n] for n in NAMES[3:] if n not in ("relatedness", "va_means")}
+    seed = torch.full((), 2.0, device="cuda")
+    ref = reference(case)
+    for path in paths:
+        monkeypatch.setenv("FBN_FAST_CUDA_NVRTC", "1" if path == "nvrtc" else "0")
+
+        def step():
+            out = face_behavior_loss(*z, **labels, relatedness=cuda["relatedness"], va_means=cuda["va_means"],
+                                     backend="cuda")
+            return out.total, torch.autograd.grad(out.total, z, seed)
+
+        step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            total, grads = step()
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(kernels) == 2, (path, kernels)
+        torch.testing.assert_close(total.double().cpu(), ref[0][0], rtol=1e-5, atol=1e-5)
+        for g, r in zip(grads, ref[1:]):
+            torch.testing.assert_close(g.double().cpu(), 2.0 * r, rtol=2e-5, atol=2e-5 * float(r.abs().max()))
 
 
 @pytest.mark.gpu

@@ -231,8 +231,9 @@ def test_closed_form_gradients_match_autograd(case):
     rest = [batch[n] for n in ("expr", "expr_mask", "au", "au_mask", "va", "va_mask", "relatedness", "va_means")]
     ref = reference_terms(*z, *rest, w, 1.7, 0.05)
     g_ref = torch.autograd.grad(ref[0], z)
-    terms, *grads = analytic_terms_and_grads(*[batch[n] for n in ("z_e", "z_a", "v")], *rest, w, 1.7, 0.05)
+    total, terms, *grads = analytic_terms_and_grads(*[batch[n] for n in ("z_e", "z_a", "v")], *rest, w, 1.7, 0.05)
     torch.testing.assert_close(terms.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(total, terms[0]) and total.data_ptr() != terms.data_ptr()
     for a, g in zip(grads, g_ref):
         torch.testing.assert_close(a, g, rtol=1e-10, atol=1e-12)
 
@@ -241,8 +242,9 @@ def test_fused_op_torch_impl_backward_scales_stored_gradient():
     batch = make_batch(b=6, seed=9)
     z = [batch.pop(n).requires_grad_() for n in ("z_e", "z_a", "v")]
     rest = [batch[n] for n in ("expr", "expr_mask", "au", "au_mask", "va", "va_mask", "relatedness", "va_means")]
-    terms, *_ = objective(*z, *rest, [1.0] * 6, 1.0, 0.05, "torch")
-    (3.0 * terms[0]).backward()
+    total, terms, *_ = objective(*z, *rest, [1.0] * 6, 1.0, 0.05, "torch")
+    assert torch.equal(total, terms[0])
+    (3.0 * total).backward()
     got = [t.grad.clone() for t in z]
     ref = reference_terms(*z, *rest)
     expected = torch.autograd.grad(3.0 * ref[0], z)
@@ -256,7 +258,7 @@ def test_fused_op_compiles_fullgraph_on_cpu():
     rest = [batch[n] for n in ("expr", "expr_mask", "au", "au_mask", "va", "va_mask", "relatedness", "va_means")]
 
     def step(z_e, z_a, v):
-        return objective(z_e, z_a, v, *rest, [1.0] * 6, 1.0, 0.05, "torch")[0][0]
+        return objective(z_e, z_a, v, *rest, [1.0] * 6, 1.0, 0.05, "torch")[0]
 
     z = [batch[n].clone().requires_grad_() for n in ("z_e", "z_a", "v")]
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

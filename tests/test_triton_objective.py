@@ -42,8 +42,12 @@ def make_case(b, c=7, k=17, seed=0, dtype=torch.float64, scale=2.0, p_label=0.5,
 
 
 def run_kernel(case, weights=ONES, temperature=1.0, eps=0.05, **plan):
-    return kobj.triton_objective(case["z_e"], case["z_a"], case["v"], *(case[n] for n in LABELS),
-                                 case["relatedness"], case["va_means"], weights, temperature, eps, **plan)
+    """``(terms, g_e, g_a, g_v)`` of one launch, after checking its separate total output against ``terms[0]``."""
+    total, *out = kobj.triton_objective(case["z_e"], case["z_a"], case["v"], *(case[n] for n in LABELS),
+                                        case["relatedness"], case["va_means"], weights, temperature, eps, **plan)
+    assert total.shape == () and total.dtype == torch.float32
+    torch.testing.assert_close(total, out[0][0], rtol=0, atol=0, equal_nan=True)
+    return out
 
 
 def reference(case, weights=ONES, temperature=1.0, eps=0.05, dtype=torch.float64):
@@ -210,8 +214,8 @@ def test_through_the_op_module_and_autograd():
     case = make_case(25, seed=37)
     z = [case[n].clone().requires_grad_() for n in ("z_e", "z_a", "v")]
     rest = [case[n] for n in (*LABELS, "relatedness", "va_means")]
-    terms, *_ = objective(*z, *rest, [1.0, 0.5, 1.0, 2.0, 1.0, 0.3], 1.3, 0.05, "triton")
-    (3.0 * terms[0]).backward()
+    total, terms, *_ = objective(*z, *rest, [1.0, 0.5, 1.0, 2.0, 1.0, 0.3], 1.3, 0.05, "triton")
+    (3.0 * total).backward()
     ref = reference(case, (1.0, 0.5, 1.0, 2.0, 1.0, 0.3), 1.3)
     torch.testing.assert_close(terms.double(), ref[0], rtol=2e-6, atol=1e-6)
     for got, want in zip(z, ref[1:]):
@@ -234,8 +238,8 @@ def test_compiles_fullgraph(impl):
     rest = [case[n] for n in (*LABELS, "relatedness", "va_means")]
 
     def step(z_e, z_a, v):
-        terms, *_ = objective(z_e, z_a, v, *rest, [1.0] * 6, 0.9, 0.05, impl)
-        return terms[0] * 2.0
+        total, *_ = objective(z_e, z_a, v, *rest, [1.0] * 6, 0.9, 0.05, impl)
+        return total * 2.0
 
     z = [case[n].clone().requires_grad_() for n in ("z_e", "z_a", "v")]
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -380,6 +384,34 @@ def test_cuda_one_launch_deterministic_and_graph_safe():
     torch.cuda.synchronize()
     for a, b in zip(captured, run_kernel(other)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_forward_and_backward_through_the_api_are_two_launches():
+    # The forward kernel, then one multi-tensor kernel scaling the three stored gradients; the total is an
+    # output of its own, so no select-backward scatters the incoming gradient into a zero-filled vector.
+    case = _cuda(make_case(4096, seed=46, dtype=torch.float32))
+    z = [case[n].detach().requires_grad_() for n in ("z_e", "z_a", "v")]
+    labels = {n: case[n] for n in LABELS}
+    rel, mu = case["relatedness"], case["va_means"]
+    seed = torch.full((), 2.0, device="cuda")  # the incoming gradient, allocated outside the profiled region
+
+    def step():
+        out = face_behavior_loss(*z, **labels, relatedness=rel, va_means=mu, eps=0.05, backend="triton")
+        return torch.autograd.grad(out.total, z, seed)
+
+    step()  # compile and arm the grid-barrier counters
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        grads = step()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    expected = (1 if kobj.cooperative_launch_supported() else 2) + 1
+    assert len(kernels) == expected, kernels
+    ref = reference(case)
+    for g, r in zip(grads, ref[1:]):
+        torch.testing.assert_close(g.double(), 2.0 * r, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -128,9 +128,10 @@ def face_behavior_loss(
     w = astuple(weights)
     if name == "torch":
         terms = reference_terms(z_e, z_a, v, *labels, rel, mu, w, temperature, eps)
+        total = terms[0]
     else:
-        terms, *_ = objective(z_e, z_a, v, *labels, rel, mu, list(w), float(temperature), float(eps), name)
-    return LossOutput(terms[0], dict(zip(TERMS, terms.detach()[1:].unbind(0))))
+        total, terms, *_ = objective(z_e, z_a, v, *labels, rel, mu, list(w), float(temperature), float(eps), name)
+    return LossOutput(total, dict(zip(TERMS, terms.detach()[1:].unbind(0))))
 
 
 class FaceBehaviorLoss(nn.Module):

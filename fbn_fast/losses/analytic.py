@@ -29,8 +29,8 @@ def analytic_terms_and_grads(
     z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor, au_mask: Tensor,
     va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None, weights: tuple[float, ...],
     temperature: float, eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``[total, *TERMS]`` (float32) and the gradients of the total w.r.t. ``z_e``, ``z_a``, ``v``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The total and ``[total, *TERMS]`` (float32) and the gradients of the total w.r.t. ``z_e``, ``z_a``, ``v``."""
     dt = torch.float64 if z_e.dtype == torch.float64 else torch.float32
     ze, za, vv = z_e.to(dt), z_a.to(dt), v.to(dt)
     b, k = za.shape
@@ -115,4 +115,4 @@ def analytic_terms_and_grads(
     total = (w_expr * l_expr + w_au * l_au + w_va * l_va + w_ca * (l_ca_ea + l_ca_ae)
              + w_dm * (l_dm_ea + l_dm_ae) + w_ev * l_dm_ev)
     terms = torch.stack([total, l_expr, l_au, l_va, l_ca_ea, l_ca_ae, l_dm_ea, l_dm_ae, l_dm_ev]).float()
-    return terms, g_e.to(z_e.dtype), g_a.to(z_a.dtype), g_v.to(v.dtype)
+    return total.float(), terms, g_e.to(z_e.dtype), g_a.to(z_a.dtype), g_v.to(v.dtype)

@@ -163,9 +163,10 @@ def objective_cpu(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: 
     return terms, _as(ge, z_e.dtype), _as(ga, z_a.dtype), _as(gv, v.dtype)
 
 
-def _cpu_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _cpu_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     terms, ge, ga, gv = objective_cpu(*args)
-    return terms.float(), ge, ga, gv
+    terms = terms.float()
+    return terms[0].clone(), terms, ge, ga, gv
 
 
 # ---------------------------------------------------------------------------------------------- cuda
@@ -298,10 +299,11 @@ def _max_blocks_built(code: int, face: bool, block: int, smem: int, device: int)
 def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor,
                    au_mask: Tensor, va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None,
                    weights: tuple[float, ...], temperature: float, eps: float,
-                   path: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   path: str = "auto", total: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ``cuda`` backend: one kernel launch (when the inputs are contiguous and of one dtype).
 
-    Returns ``[total, *TERMS]`` in the compute dtype and the gradients in the inputs' dtypes. ``path``:
+    Returns ``[total, *TERMS]`` in the compute dtype and the gradients in the inputs' dtypes; ``total`` (a 0-d
+    float32 tensor on the device), when given, also receives the total from the same launch. ``path``:
     ``built`` (the compiled extension), ``nvrtc`` (cupy at run time) or ``auto`` (built when present;
     ``FBN_FAST_CUDA_NVRTC=1`` forces NVRTC). An expression class outside [0, C) under a true mask makes the
     ``expr`` term and the total NaN (checking it on the host would need a sync).
@@ -344,8 +346,12 @@ def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask:
     work = torch.empty(work_bytes, dtype=torch.uint8, device=dev)
     terms = torch.empty(9, dtype=dt, device=dev)
     ge, ga, gv = torch.empty_like(ze), torch.empty_like(za), torch.empty_like(vv)
+    if total is not None and (total.shape != () or total.dtype != torch.float32 or total.device != dev):
+        raise ValueError(f"total: expected a 0-d float32 tensor on {dev}, got {tuple(total.shape)} "
+                         f"{total.dtype} on {total.device}")
     ptrs = [t.data_ptr() for t in (ze, za, vv, ex, me, ya, ma, yv, mv, rel)]
-    ptrs += [0 if mu is None else mu.data_ptr()] + [t.data_ptr() for t in (terms, ge, ga, gv, work)]
+    ptrs += [0 if mu is None else mu.data_ptr(), terms.data_ptr(), 0 if total is None else total.data_ptr()]
+    ptrs += [t.data_ptr() for t in (ge, ga, gv, work)]
     w = [float(x) for x in weights]
     stream = torch.cuda.current_stream(dev).cuda_stream
     if path == "built":
@@ -362,9 +368,10 @@ def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask:
     return terms, _as(ge, z_e.dtype), _as(ga, z_a.dtype), _as(gv, v.dtype)
 
 
-def _cuda_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    terms, ge, ga, gv = objective_cuda(*args)
-    return terms.float(), ge, ga, gv
+def _cuda_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    total = torch.empty((), dtype=torch.float32, device=args[0].device)
+    terms, ge, ga, gv = objective_cuda(*args, total=total)
+    return total, terms.float(), ge, ga, gv
 
 
 # -------------------------------------------------------------------------------------- availability
