@@ -38,7 +38,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -916,6 +916,8 @@ class Trainer:
         return status
 
     def close(self) -> None:
+        # Drop the DDP wrapper (its reducer holds the process group) before the group is destroyed.
+        self.net = self.stepper = None
         if self.loader is not None:
             self.loader.close()
         handler = getattr(self, "_log_handler", None)
@@ -1030,5 +1032,10 @@ def main(argv: list[str] | None = None) -> int:
         fdist.cleanup()
 
 
+def cli() -> NoReturn:
+    """``python -m fbn_fast.train`` / ``fbn-train``: :func:`main`, then :func:`fbn_fast.distributed.exit_process`."""
+    fdist.exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

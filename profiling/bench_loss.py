@@ -11,8 +11,9 @@ total with respect to ``z_e``, ``z_a`` and ``v`` (``torch.autograd.grad``, so no
 
 Timing: CUDA events on a GPU (the stream drained before each step, so a step's time includes its launch and
 Python overhead), ``time.perf_counter`` on CPU; warm-up first, then the median of many steps. On a GPU also:
-the kernels one step launches (torch.profiler; for the fused backends also the forward alone, since the op's
-backward adds its elementwise scaling and autograd its plumbing), the peak memory above the inputs, and the
+the kernels one step launches (torch.profiler, the incoming gradient made beforehand; for the fused backends
+also the forward alone: the op's backward adds one multi-tensor kernel scaling the stored gradients), the peak
+memory above the inputs, and the
 byte floor: the bytes the op must move (read logits and labels once, write the three gradients once) over the
 device-to-device copy bandwidth measured here. ``--triton-sweep`` also times the Triton kernel alone for a few
 launch plans (rows per block, warps, stages, tl.dot, fused or split).
@@ -176,12 +177,15 @@ def loss_fn(backend: str, rel: torch.Tensor) -> Callable:
 def make_step(fn: Callable, case: dict, mark_step: bool = False, backward: bool = True) -> Callable[[], object]:
     z = [case[n] for n in ("z_e", "z_a", "v")]
     labels = [case[n] for n in LABELS]
+    # The incoming gradient of the total, made once: in training it comes from the caller (a scaler, a sum of
+    # losses), so its fill kernel is not the loss's.
+    seed = torch.ones((), device=z[0].device)
 
     def step():
         if mark_step:  # reduce-overhead: each call is a new step for the CUDA-graph tree
             torch.compiler.cudagraph_mark_step_begin()
         total = fn(*z, *labels)
-        return torch.autograd.grad(total, z) if backward else total
+        return torch.autograd.grad(total, z, seed.to(total.dtype)) if backward else total
 
     return step
 

@@ -41,6 +41,7 @@ DRIVER = textwrap.dedent("""
     finally:
         trainer.close()
         fdist.cleanup()
+    fdist.exit_process(0)
 """)
 
 
@@ -109,3 +110,19 @@ def test_ddp_two_gloo_processes_train_identically_and_resume(synth, tmp_path):
     split_losses = [r["loss"]["total"] for r in map(json.loads, (tmp_path / "runs" / "split" / "metrics.jsonl")
                                                     .read_text().splitlines()) if r["kind"] == "train"]
     assert split_losses == pytest.approx(full_losses, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("backend", [None, "gloo"])
+def test_exit_process_flushes_and_keeps_the_status(backend):
+    # After a gloo run the process leaves through os._exit: what was printed or logged must still come out.
+    code = textwrap.dedent(f"""
+        import logging, sys
+        from fbn_fast import distributed as fdist
+        fdist._LAST_BACKEND = {backend!r}
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+        print("printed", end="")  # no newline: stays in the buffer until a flush
+        logging.getLogger("x").info("logged")
+        fdist.exit_process(3)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 3 and res.stdout == "printed" and "logged" in res.stderr, res
