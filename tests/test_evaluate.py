@@ -198,6 +198,7 @@ def test_evaluate_matches_independent_computation(data):
     assert res["truth"]["no_cmp"]["expression"]["accuracy"] == pytest.approx(acc)
     text = format_report(res)
     assert "expr_va" in text and "no training label" in text
+    assert f"on no_cmp: mean F1 {pool[NO_LABEL_TRAIN].mean():.3f}" in text  # the pool's line in the report
     json.dumps(res)  # JSON-able
 
 

@@ -1,29 +1,33 @@
-"""The co-training ablation (issue: heterogeneous multi-task co-training) on a SynthFace low-label regime.
+"""The co-training ablation on a SynthFace low-label regime: no coupling, co-annotation, distribution matching, both.
 
-    python training/run_ablation.py [--out training/results] [--variants none,ca,dm,both] [--steps N] ...
+    python training/run_ablation.py [--variants none,ca,dm,both] [--seeds 0,1] [--out training/results] ...
 
 The regime (:func:`low_label_manifest`, recipe ``training/ablation.toml``): expression labels are plentiful
-(every training image of ``synth_expr_va`` and ``synth_expr``), AU labels are few — ``--au-images`` training
-images of ``synth_au_a`` (a DISFA-like set annotating AUs 1 2 4 5 6 9 12 15 17 20 25 26) — and no training
-image carries any label for AUs 7, 10, 14, 23 and 24. No image carries both expression and AU labels, so the
-relatedness used is the prior table (a data-driven estimate would have nothing to estimate from).
+(every training image of ``synth_expr_va`` and ``synth_expr``), AU labels are few — ``--au-images`` (300)
+training images of ``synth_au_a`` (a DISFA-like set annotating AUs 1 2 4 5 6 9 12 15 17 20 25 26) — and no
+training image carries any label for AUs 7, 10, 14, 23 and 24. No image carries both expression and AU labels,
+so the relatedness is the prior table (a data-driven estimate would have nothing to estimate from).
 
-Four runs of ``python -m fbn_fast.train`` differ only in the coupling weights:
+The runs of ``python -m fbn_fast.train`` (one per variant and seed) differ only in the coupling weights, as
+multiples of the recipe's λ_ca and λ_dm:
 
 =========  ==========  ==========
 variant    λ_ca        λ_dm
 =========  ==========  ==========
 none       0           0
-ca         1           0
-dm         0           1
-both       1           1
+ca         λ_ca        0
+dm         0           λ_dm
+both       λ_ca        λ_dm
+full       λ_ca        λ_dm       (a reference outside the regime: every training image with all its labels)
 =========  ==========  ==========
 
 Each final checkpoint is scored by :func:`fbn_fast.evaluate.evaluate` on the test split of the *published*
 SynthFace manifest, against its hidden full truth (``manifest_full.npz``): expression accuracy / macro-F1,
-VA CCC, AU F1 per dataset, the mean F1 over the AUs that carry no training label (every test image, scored on
-its true AUs), and zero-shot compound accuracy / UAR on ``synth_compound``. The table goes to
-``<out>/ablation_cpu.json`` and ``<out>/ablation_cpu.md`` with the machine and the date.
+VA CCC, AU F1 per dataset, the mean F1 over the AUs that carry no training label — on the test images of the
+five basic-expression datasets, each scored on its true AUs, and apart on the compound-expression faces (a kind
+of face no run trains on) — and zero-shot compound accuracy / UAR on ``synth_compound``. The table (means over
+seeds, with their spread) goes to ``<out>/ablation_<tag>.md`` and ``.json`` with the machine and the date.
+Finished runs are reused (rerunning after an interruption continues where it stopped).
 """
 
 from __future__ import annotations
