@@ -43,6 +43,9 @@ COMPOUNDS: tuple[str, ...] = (
     "Awed",
 )
 
+#: RAF-DB's compound classes (the paper's zero-shot protocol: UAR over these eleven).
+RAFDB_COMPOUNDS: tuple[str, ...] = COMPOUNDS[:11]
+
 #: The two basic expressions each compound names (method.md §4, the optional β term). The last three
 #: compounds of Du et al. are named after no pair; we use the pair their AUs resemble most (our choice).
 COMPOUND_PARENTS: tuple[tuple[str, str], ...] = (

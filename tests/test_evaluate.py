@@ -364,17 +364,24 @@ def test_ablation_aggregates_seeds_and_checks_targets():
         return {"expr_accuracy": expr, "expr_macro_f1": expr, "va_ccc": None, "au_a_mean_f1": 0.5,
                 "au_b_mean_f1": 0.4, "unlabelled_mean_f1": unl, "labelled_aus_mean_f1_truth": 0.6,
                 "unlabelled_aus": ["AU7"], "unlabelled_per_au_f1": {"AU7": unl},
-                "compound": {"accuracy": uar, "macro_f1": uar, "uar": uar}}
+                "compound": {"accuracy": uar, "macro_f1": uar, "uar": uar},
+                "compound_rafdb": {"accuracy": uar + 0.1, "macro_f1": uar + 0.1, "uar": uar + 0.1}}
 
     both = mod.aggregate([row(0.90, 0.40, 0.50), row(0.88, 0.44, 0.46)])
     none = mod.aggregate([row(0.90, 0.20, 0.30), row(0.90, 0.30, 0.34)])
     assert both["expr_accuracy"] == pytest.approx(0.89)
     assert both["unlabelled_mean_f1_sd"] == pytest.approx(np.std([0.40, 0.44], ddof=1))
     assert both["va_ccc"] is None and both["unlabelled_per_au_f1"]["AU7"] == pytest.approx(0.42)
+    assert both["compound_rafdb"]["uar"] == pytest.approx(0.58)
     checks = {t["what"]: t["met"] for t in mod.targets({"both": both, "none": none})}
     assert checks == {"both vs none, mean F1 on the unlabelled AUs": True,  # +0.17
                       "both vs none, expression accuracy": True,  # -1.0 point exactly
-                      "zero-shot compound UAR (both)": True}  # 0.48
-    worse = mod.aggregate([row(0.87, 0.30, 0.40)])
+                      "zero-shot compound UAR, all classes (both)": True,  # 0.48
+                      "zero-shot compound UAR, RAF-DB's 11 classes (both)": True}  # 0.58
+    worse = mod.aggregate([row(0.87, 0.30, 0.30)])
     checks = {t["what"]: t["met"] for t in mod.targets({"both": worse, "none": none})}
     assert not any(checks.values())
+    # A run scored without the RAF-DB evaluation has no such column and no such target line.
+    old = {k: v for k, v in row(0.9, 0.4, 0.5).items() if k != "compound_rafdb"}
+    lines = [t["what"] for t in mod.targets({"both": mod.aggregate([old]), "none": none})]
+    assert "zero-shot compound UAR, RAF-DB's 11 classes (both)" not in lines
