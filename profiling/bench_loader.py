@@ -30,6 +30,7 @@ from PIL import Image
 
 from fbn_fast.data import Manifest
 from fbn_fast.data.pipeline import build_loader, dali_available, torchvision_available
+from fbn_fast.machine import cpu_model
 
 
 def make_images(folder: Path, n: int, src: int, seed: int = 0) -> Manifest:
@@ -105,15 +106,6 @@ def versions() -> dict:
             out[mod] = None
     return out
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,6 +43,7 @@ import torch
 
 from fbn_fast import relatedness
 from fbn_fast.losses import LossWeights, available_backends, face_behavior_loss
+from fbn_fast.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,14 +52,7 @@ BASELINES = ("eager", "compile", "compile-ro")
 
 
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         import triton
 

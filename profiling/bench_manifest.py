@@ -24,6 +24,7 @@ import numpy as np
 
 from fbn_fast.data.manifest import Manifest, _read_npz, load_manifest
 from fbn_fast.labels import AU_NUMBERS, NUM_AUS
+from fbn_fast.machine import cpu_model
 
 # (dataset, share of rows, expression?, VA?, annotated AU numbers)
 MIX = (
@@ -69,15 +70,6 @@ def build(rows: int, seed: int = 0) -> Manifest:
             box=np.tile(np.array([[10, 12, 120, 140]], np.float32), (n, 1)) if name == "affectnet" else None))
     return Manifest.concat(parts)
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -132,7 +124,7 @@ def main() -> None:
         "build_s": round(build_s, 2),
         "save_s": round(save_s, 2),
         "rows_per_s_best": int(args.rows / min(load)),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,

@@ -32,16 +32,7 @@ from PIL import features
 
 from fbn_fast.data.synthface import VERSION, generate, render, sample_expressions, sample_look
 from fbn_fast.data.synthface.dataset import encode_jpeg
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from fbn_fast.machine import cpu_model
 
 
 def _best(fn, repeats: int) -> tuple[float, float]:
@@ -108,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "synthface_generation",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load_before],
         "python": platform.python_version(),

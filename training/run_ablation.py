@@ -52,6 +52,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from fbn_fast.data import Manifest, load_manifest  # noqa: E402
 from fbn_fast.labels import AUS, MISSING, RAFDB_COMPOUNDS, au_index  # noqa: E402
+from fbn_fast.machine import cpu_model  # noqa: E402
 
 #: The four variants: name -> (λ_ca, λ_dm) as multiples of the recipe's λ_ca / λ_dm. ``full`` is a reference
 #: outside the regime: both couplings, trained on every SynthFace training image with all its labels.
@@ -325,15 +326,7 @@ def targets(rows: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
 def machine_info(label: str) -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"label": label, "description": f"{os.cpu_count()} CPU cores ({cpu}), no GPU used",
+    return {"label": label, "description": f"{os.cpu_count()} CPU cores ({cpu_model()}), no GPU used",
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
 
 
