@@ -591,14 +591,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(format_report(finish_cli_result(result, args)))
+    return 0
+
+
+def finish_cli_result(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Record the checkpoint and manifest a CLI scored in ``result`` and write it to ``--json`` if given."""
     result["checkpoint"] = str(args.checkpoint)
     result["manifest"] = str(args.manifest)
-    print(format_report(result))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

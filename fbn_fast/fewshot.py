@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from .evaluate import (
     _load_manifest,
     autocast,
     checkpoint_image_size,
+    finish_cli_result,
     iter_outputs,
     load_checkpoint,
     present_compounds,
@@ -310,13 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result["checkpoint"] = str(args.checkpoint)
-    result["manifest"] = str(args.manifest)
-    print(format_report(result))
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+    print(format_report(finish_cli_result(result, args)))
     return 0
 
 
