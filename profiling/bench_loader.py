@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
+    need = (args.batches + 2) * args.batch  # two warm-up batches, then the timed ones, within one epoch
+    if args.n < need:
+        ap.error(f"--n {args.n}: fewer images than --batch {args.batch} x (--batches {args.batches} + 2 warm-up) = "
+                 f"{need}")
     device = torch.device(args.device)
     paths = ["cpu"]
     if dali_available():
