@@ -118,16 +118,16 @@ def build_py_command():
     class BuildPyWithSources(build_py):
         def run(self) -> None:
             super().run()
-            if not getattr(self, "editable_mode", False):  # editable: csrc/ stays next to the package
-                for src, dst in self._shipped():
-                    os.makedirs(os.path.dirname(dst), exist_ok=True)
-                    shutil.copyfile(src, dst)
+            for src, dst in self._shipped():
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copyfile(src, dst)
 
         def get_outputs(self, include_bytecode: bool = True) -> list[str]:
-            shipped = [] if getattr(self, "editable_mode", False) else [dst for _, dst in self._shipped()]
-            return super().get_outputs(include_bytecode) + shipped
+            return super().get_outputs(include_bytecode) + [dst for _, dst in self._shipped()]
 
         def _shipped(self) -> list[tuple[str, str]]:
+            if getattr(self, "editable_mode", False):  # an editable install keeps csrc/ next to the package
+                return []
             return [(os.path.join(HERE, n), os.path.join(self.build_lib, "fbn_fast", "_csrc", n))
                     for n in SHIPPED_SOURCES]
 

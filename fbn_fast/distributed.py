@@ -117,6 +117,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
     return DistEnv(rank, local_rank, world, dev, dist.get_backend())
 
 
+#: The backend of the group :func:`cleanup` left, for :func:`exit_process`.
+_LAST_BACKEND: str | None = None
+
+
 def cleanup() -> None:
     """Leave the process group (if one is up). No barrier: after a failure on one rank it would wait for ever."""
     if dist.is_available() and dist.is_initialized():
@@ -124,9 +128,6 @@ def cleanup() -> None:
         _LAST_BACKEND = dist.get_backend()
         dist.destroy_process_group()
         gc.collect()  # free what still held the group (a DDP reducer in a reference cycle) while Python is whole
-
-
-_LAST_BACKEND: str | None = None
 
 
 def exit_process(code: int = 0) -> NoReturn:

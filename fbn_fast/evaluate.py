@@ -511,11 +511,13 @@ def format_report(result: Mapping[str, Any]) -> str:
     un = result.get("unlabelled_aus")
     if un is not None:
         if un["aus"]:
-            per = ", ".join(f"{a} {_fmt(un['per_au_f1'].get(a))}" for a in un["aus"]) if "per_au_f1" in un else ""
+            def per_au(f1: Mapping[str, Any]) -> str:
+                return ", ".join(f"{a} {_fmt(f1.get(a))}" for a in un["aus"])
+
+            per = per_au(un["per_au_f1"]) if "per_au_f1" in un else ""
             out += ["", f"AUs with no training label ({len(un['aus'])}): mean F1 {_fmt(un.get('mean_f1'))}  [{per}]"]
             for pool, entry in un.get("per_pool", {}).items():
-                per = ", ".join(f"{a} {_fmt(entry['per_au_f1'].get(a))}" for a in un["aus"])
-                out.append(f"  on {pool}: mean F1 {_fmt(entry['mean_f1'])}  [{per}]")
+                out.append(f"  on {pool}: mean F1 {_fmt(entry['mean_f1'])}  [{per_au(entry['per_au_f1'])}]")
         else:
             out += ["", "every AU carries labels in the training manifest"]
     return "\n".join(out)

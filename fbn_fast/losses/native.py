@@ -119,6 +119,16 @@ def _shapes(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor
     return b, c, k
 
 
+def _check_call(backend: str, weights: tuple[float, ...], z_e: Tensor, *rest: Tensor | None) -> tuple[int, int, int]:
+    """``B, C, K`` of a call of ``backend`` (``cpu`` / ``cuda``: also the device type it takes), checked."""
+    if z_e.device.type != backend:
+        raise ValueError(f"backend '{backend}' takes {backend.upper()} tensors, got z_e on {z_e.device}")
+    shapes = _shapes(z_e, *rest)
+    if len(weights) != 6:
+        raise ValueError(f"weights: expected 6 values (expr, au, va, ca, dm, ev), got {len(weights)}")
+    return shapes
+
+
 def _compute_dtype(z_e: Tensor) -> torch.dtype:
     # As the reference: float64 math for float64 logits, float32 otherwise.
     return torch.float64 if z_e.dtype == torch.float64 else torch.float32
@@ -140,11 +150,8 @@ def objective_cpu(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: 
     gradients of the total w.r.t. ``z_e``, ``z_a``, ``v`` in their dtypes."""
     if _cpu_ext is None:
         raise RuntimeError(f"backend 'cpu': {_cpu_missing}")
-    if z_e.device.type != "cpu":
-        raise ValueError(f"backend 'cpu' takes CPU tensors, got z_e on {z_e.device}")
-    b, c, k = _shapes(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means)
-    if len(weights) != 6:
-        raise ValueError(f"weights: expected 6 values (expr, au, va, ca, dm, ev), got {len(weights)}")
+    b, c, k = _check_call("cpu", weights, z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness,
+                          va_means)
     dt = _compute_dtype(z_e)
     ze, za, vv = _as(z_e.detach(), dt), _as(z_a.detach(), dt), _as(v.detach(), dt)
     ex = _as(expr, torch.int64)
@@ -308,11 +315,8 @@ def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask:
     ``FBN_FAST_CUDA_NVRTC=1`` forces NVRTC). An expression class outside [0, C) under a true mask makes the
     ``expr`` term and the total NaN (checking it on the host would need a sync).
     """
-    if z_e.device.type != "cuda":
-        raise ValueError(f"backend 'cuda' takes CUDA tensors, got z_e on {z_e.device}")
-    b, c, k = _shapes(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means)
-    if len(weights) != 6:
-        raise ValueError(f"weights: expected 6 values (expr, au, va, ca, dm, ev), got {len(weights)}")
+    b, c, k = _check_call("cuda", weights, z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness,
+                          va_means)
     path = _cuda_path(path)
     dev = z_e.device
     same = z_e.dtype == z_a.dtype == v.dtype and z_e.dtype in _DTYPE_CODE
