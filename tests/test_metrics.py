@@ -224,6 +224,7 @@ def test_au_logits_equal_probabilities():
     a.update(torch.sigmoid(logits), target, mask)
     b.update(logits, target, mask)
     c.update(logits, target, mask, from_logits=True)
+    # The same sigmoid on the same tensor, then integer counts: the scores are equal to the last bit.
     assert a.compute() == b.compute() == c.compute()
 
 
@@ -427,7 +428,7 @@ def test_reduce_with_torch_distributed(tmp_path):
         metrics.reduce_(dist.all_reduce)  # int64 and float64 statistics both reduce
     finally:
         dist.destroy_process_group()
-    assert metrics.compute() == before
+    assert metrics.compute() == before  # one rank: the all-reduced sums are the local ones, bit for bit
 
 
 def test_update_reads_no_values_off_the_host():
