@@ -124,6 +124,11 @@ def from_affwild2(labels: np.ndarray) -> np.ndarray:
     return remap_expressions(labels, AFFWILD2_ORDER, offset=0)
 
 
+def label_names(n: int, known: tuple[str, ...] | list[str], prefix: str) -> list[str]:
+    """Names of ``n`` outputs: ``known`` when there are that many, else ``<prefix>0`` … (a model of another size)."""
+    return list(known) if n == len(known) else [f"{prefix}{i}" for i in range(n)]
+
+
 def au_index(au: int | str) -> int:
     """Position of an AU (``12``, ``"12"`` or ``"AU12"``) in the canonical AU order."""
     number = int(str(au).upper().removeprefix("AU"))

@@ -17,9 +17,17 @@ name               what                                                         
 ``timm:<name>``    any timm model (needs ``pip install timm``), classifier removed             model's
 =================  ==========================================================================  ==========
 
-Parameter names of the built-in VGG and ResNet trunks follow torchvision's, so a torchvision (or converted
-VGG-FACE) state dict loads with ``pretrained="path/to/weights.pth"``; built-in trunks ship no weights
-themselves. ``pretrained=True`` is for timm trunks, whose weights timm fetches.
+Pretrained weights (``pretrained`` here, ``--pretrained`` / ``[model] pretrained`` in a recipe):
+
+* built-in VGG and ResNet trunks name their parameters as torchvision does, so a torchvision (or converted
+  VGG-FACE) state dict loads with ``pretrained="path/to/resnet50.pth"``; they ship no weights themselves;
+* ``timm:<name>`` with ``pretrained=True`` loads the ImageNet weights timm names for that model (fetched from
+  its hub, or read from timm's cache); ``pretrained="path/to/file"`` loads that file in timm's own layout
+  instead (``pretrained_cfg_overlay=dict(file=...)``), for machines without network access.
+
+Input normalisation follows the trunk: :attr:`FaceBehaviorNet.normalization` is the (mean, std) per RGB
+channel on a 0–1 scale the trunk expects — timm's ``pretrained_cfg`` for timm trunks, the ImageNet constants
+for the built-in ones; :func:`fbn_fast.data.pipeline.build_loader` takes it as ``normalization=``.
 
 The model remembers how it was built (:attr:`FaceBehaviorNet.arch`), so a checkpoint rebuilds it with
 ``build_model(**arch)`` (see :func:`fbn_fast.checkpoint.load_model`).
@@ -28,17 +36,25 @@ The model remembers how it was built (:attr:`FaceBehaviorNet.arch`), so a checkp
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from .data.decode import IMAGENET_MEAN, IMAGENET_STD
 from .labels import NUM_AUS, NUM_EXPRESSIONS, NUM_VA
 
+#: (mean, std) per RGB channel on a 0–1 scale, as a trunk expects its input.
+Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
+IMAGENET_NORMALIZATION: Normalization = (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+
 __all__ = [
+    "IMAGENET_NORMALIZATION",
     "TRUNKS",
     "FaceBehaviorNet",
+    "Normalization",
     "FBNOutput",
     "available_trunks",
     "build_model",
@@ -56,9 +72,13 @@ class FBNOutput(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------------- trunks
 class Trunk(nn.Module):
-    """A feature extractor: images (N, 3, H, W) → features (N, ``out_features``)."""
+    """A feature extractor: images (N, 3, H, W) → features (N, ``out_features``).
+
+    ``normalization``: the input (mean, std) per channel the trunk was (pre)trained with.
+    """
 
     out_features: int
+    normalization: Normalization = IMAGENET_NORMALIZATION
 
 
 # VGG-16 configuration "D" (Simonyan & Zisserman); "M" is a 2×2 max-pool.
@@ -235,19 +255,42 @@ class SmallTrunk(Trunk):
 
 
 class TimmTrunk(Trunk):
-    """A timm model with its classifier removed (``num_classes=0``): pooled features."""
+    """A timm model with its classifier removed (``num_classes=0``): pooled features.
 
-    def __init__(self, name: str, pretrained: bool = False, **kwargs: Any) -> None:
+    ``pretrained``: ``True`` loads the weights timm names for the model (its hub or cache); a path loads
+    that file (timm's layout for the model) through ``pretrained_cfg_overlay``. The input normalisation is
+    the model's ``pretrained_cfg`` mean/std.
+    """
+
+    def __init__(self, name: str, pretrained: bool | str | os.PathLike = False, **kwargs: Any) -> None:
         super().__init__()
         try:
             import timm
-        except ImportError:
-            raise ValueError(f"trunk 'timm:{name}' needs timm: pip install timm (or fbn_fast[timm])") from None
+        except ImportError as exc:
+            raise ValueError(f"trunk 'timm:{name}' needs timm ({exc}): pip install timm (or 'fbn_fast[timm]'), or "
+                             "choose a built-in trunk (--trunk resnet50 --pretrained path/to/resnet50.pth)") from None
+        if pretrained not in (True, False):
+            path = os.fspath(pretrained)
+            if not os.path.isfile(path):
+                raise ValueError(f"pretrained: weights file {path!r} for trunk 'timm:{name}' does not exist")
+            overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=path)
+            kwargs["pretrained_cfg_overlay"] = overlay
+            pretrained = True
         try:
-            self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-        except RuntimeError as exc:  # timm raises RuntimeError for unknown model names
-            raise ValueError(f"trunk 'timm:{name}': {exc}") from None
+            self.model = timm.create_model(name, pretrained=bool(pretrained), num_classes=0, **kwargs)
+        except TypeError:
+            raise  # a bad trunk_kwargs key: build_model names it
+        except Exception as exc:  # unknown name (RuntimeError), no network / no file (OSError, hub errors), ...
+            what = "cannot get its pretrained weights" if pretrained else "cannot be built"
+            hint = (" (pretrained = true downloads timm's ImageNet weights: without network access, set "
+                    "pretrained to a local weights file for this model)") if pretrained else ""
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"trunk 'timm:{name}' {what}: {first}{hint}") from None
         self.out_features = int(self.model.num_features)
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        mean, std = cfg.get("mean"), cfg.get("std")
+        if mean is not None and std is not None and len(mean) == 3 and len(std) == 3:
+            self.normalization = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -279,10 +322,13 @@ def _load_trunk_weights(trunk: nn.Module, path: str | os.PathLike, name: str) ->
     """Load a torchvision-layout state dict into a built-in trunk; classifier heads in the file are ignored."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise ValueError(f"pretrained weights {str(path)!r} for trunk {name!r} cannot be read: {exc}") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"pretrained weights {str(path)!r} for trunk {name!r} cannot be read: {first}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained weights {str(path)!r}: expected a state dict, got {type(state).__name__}")
     own = trunk.state_dict()
     usable = {k: v for k, v in state.items() if k in own}
     missing = sorted(set(own) - set(usable))
@@ -300,18 +346,17 @@ def build_trunk(name: str, pretrained: bool | str = False, **kwargs: Any) -> Tru
     """A trunk by name (see the module docstring); ``kwargs`` go to its constructor.
 
     ``pretrained``: for built-in trunks a path to a torchvision-layout state dict (or ``False``); for
-    ``timm:<name>`` a bool passed to ``timm.create_model``.
+    ``timm:<name>`` ``True`` (timm's ImageNet weights) or a path to a weights file in timm's layout.
     """
     if name.startswith("timm:"):
-        if pretrained not in (True, False):
-            raise ValueError("timm trunks take pretrained=True/False (timm finds the weights), not a path")
-        return TimmTrunk(name[len("timm:"):], pretrained=bool(pretrained), **kwargs)
+        return TimmTrunk(name[len("timm:"):], pretrained=pretrained, **kwargs)
     if name not in TRUNKS:
         raise ValueError(f"unknown trunk {name!r}; choose one of {available_trunks()}")
     trunk = TRUNKS[name](**kwargs)
     if pretrained is True:
-        raise ValueError(f"built-in trunk {name!r} ships no weights: pass pretrained='path/to/weights.pth' "
-                         "(torchvision layout) or use a timm trunk")
+        raise ValueError(f"pretrained = true: built-in trunk {name!r} ships no weights; set pretrained to a "
+                         f"torchvision-layout state dict (e.g. torchvision's {name} weights file), or use trunk "
+                         f"'timm:{name}' with timm installed")
     if pretrained:
         _load_trunk_weights(trunk, pretrained, name)
     return trunk
@@ -351,6 +396,11 @@ class FaceBehaviorNet(nn.Module):
     @property
     def feature_dim(self) -> int:
         return self.trunk.out_features
+
+    @property
+    def normalization(self) -> Normalization:
+        """(mean, std) per RGB channel on a 0–1 scale that input images are normalised with for this trunk."""
+        return getattr(self.trunk, "normalization", IMAGENET_NORMALIZATION)
 
     def features(self, x: Tensor) -> Tensor:
         """Trunk features (N, F) of images (N, 3, H, W)."""

@@ -9,6 +9,10 @@ Columns (N rows): ``dataset`` (int16 code into ``datasets``), ``split`` (int8 co
 ``au`` (uint8 N×K, 0/1), ``au_mask`` (bool N×K), ``va`` (float32 N×2), ``va_mask`` (bool N),
 ``compound`` (int8, -1 missing: compound-expression id into :data:`fbn_fast.labels.COMPOUNDS`).
 
+``root`` (optional, in the header) is the absolute folder the paths are relative to, as the importer saw it;
+manifests written before it was recorded load with ``root=None``. :meth:`Manifest.concat` uses it to join
+corpora imported from different folders, :meth:`Manifest.check_files` to look for the images.
+
 Rows are numbered from 0 in the order they are stored; every message about a bad row uses that number.
 """
 
@@ -65,6 +69,123 @@ def _codes(values: str | np.ndarray, n: int, known: tuple[str, ...], label: str,
     return lookup[inverse.reshape(-1)] if n else np.zeros(0, dtype)
 
 
+def _int_codes(name: str, value, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, rows whose value is no integer code) of an expression/compound column given in any dtype.
+
+    NaN, fractional values and integers outside int8 (e.g. 255, which a plain cast would turn into -1, i.e.
+    "missing") are not codes; they are reported instead of being stored.
+    """
+    arr = _column(name, value, n, (), np.asarray(value).dtype)
+    if arr.dtype == np.int8:
+        return arr, np.zeros(n, bool)
+    if arr.dtype.kind in "iub":
+        bad = (arr < -128) | (arr > 127) if arr.dtype.kind != "b" else np.zeros(n, bool)
+    else:
+        wide = arr.astype(np.float64)
+        bad = ~np.isfinite(wide) | (wide != np.round(wide)) | (wide < -128) | (wide > 127)
+    return np.where(bad, MISSING, arr).astype(np.int8), bad
+
+
+def label_problems(paths, *, expr=None, au=None, au_mask=None, va=None, va_mask=None,
+                   compound=None) -> list[tuple[int, str, str]]:
+    """Label values that cannot be stored as given: ``(row, reason, value)`` for each.
+
+    An expression or compound code that is not an integer (NaN, ``3.7``) or does not fit the int8 column
+    (``255``); an annotated AU (``au_mask`` set) that is not 0 or 1 (NaN, ``0.5``); a VA pair that is not
+    finite where ``va_mask`` is set. Unannotated entries are not looked at. Codes that are integers but out of
+    range are left to :meth:`Manifest.bad_rows`, which reads them from the stored column.
+    """
+    n = len(paths)
+    out: list[tuple[int, str, str]] = []
+    for name, value in (("expr", expr), ("compound", compound)):
+        if value is not None:
+            arr = np.asarray(value).reshape(-1)
+            _, bad = _int_codes(name, value, n)
+            out += [(int(i), f"{name} not an integer class code", repr(arr[i].item())) for i in np.flatnonzero(bad)]
+    if au is not None and au_mask is not None:
+        a = _column("au", au, n, (len(AUS),), np.float64)
+        m = _column("au_mask", au_mask, n, (len(AUS),), bool)
+        bad = m & (a != 0) & (a != 1)  # NaN compares unequal to both
+        for i, k in zip(*np.nonzero(bad)):
+            out.append((int(i), "au not 0/1 where annotated", f"{AUS[k]}={float(a[i, k])!r}"))
+    if va is not None and va_mask is not None:
+        v = _column("va", va, n, (2,), np.float64)
+        m = _column("va_mask", va_mask, n, (), bool)
+        out += [(int(i), "va not finite where annotated", repr(tuple(v[i].tolist())))
+                for i in np.flatnonzero(m & ~np.isfinite(v).all(1))]
+    return sorted(out)
+
+
+def _prefixed(blob: np.ndarray, offsets: np.ndarray, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """Paths with ``prefix + "/"`` in front of each (vectorised over the blob)."""
+    if not prefix:
+        return blob, offsets
+    pre = np.frombuffer((prefix.rstrip("/") + "/").encode("utf-8"), np.uint8)
+    n, k = len(offsets) - 1, len(pre)
+    new_offsets = offsets + k * np.arange(n + 1, dtype=np.int64)
+    out = np.empty(len(blob) + n * k, np.uint8)
+    is_prefix = np.zeros(len(out), bool)
+    starts = new_offsets[:-1]
+    for j in range(k):
+        out[starts + j] = pre[j]
+        is_prefix[starts + j] = True
+    out[~is_prefix] = blob
+    return out, new_offsets
+
+
+def _rebase(roots: list[str | None], names: list[str], root: str | os.PathLike | None) -> tuple[str | None, list[str]]:
+    """The joined manifest's root and the folder to put in front of each part's paths (see :meth:`Manifest.concat`)."""
+    if root is not None:
+        target = os.path.abspath(os.fspath(root))
+    elif all(r is None for r in roots):
+        return None, [""] * len(roots)
+    elif any(r is None for r in roots):
+        name = names[roots.index(None)]
+        raise ValueError(
+            f"{name} records no image root (written before manifests recorded one, or imported with a --prefix "
+            f"that is not the end of its corpus folder) while {names[roots.index(next(r for r in roots if r))]} "
+            "does; re-import it with a current version, or name the folder every path is relative to: "
+            "python -m fbn_fast.data concat ... --root DIR")
+    else:
+        try:
+            target = os.path.commonpath(roots)
+        except ValueError:  # different drives
+            raise ValueError(f"the manifests' image roots {sorted(set(roots))} share no folder; import the corpora "
+                             "under one folder, or re-import each with --prefix NAME and give training "
+                             "--data-root the folder that holds NAME/") from None
+    prefixes = []
+    for name, r in zip(names, roots):
+        if r is None:
+            prefixes.append("")  # no root recorded: its paths are taken as relative to the target already
+            continue
+        rel = os.path.relpath(r, target)
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+            raise ValueError(f"{name}: its image root {r} is not inside --root {target}; pick a --root that holds "
+                             f"every corpus folder, e.g. --root {os.path.commonpath([r, target])}")
+        prefixes.append("" if rel == os.curdir else PurePosixPath(*Path(rel).parts).as_posix())
+    return target, prefixes
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """What :meth:`Manifest.check_files` found: under ``root``, ``checked`` paths looked at, ``missing`` not
+    there (``examples``: the first few, relative to the root)."""
+
+    root: str
+    rows: int
+    checked: int
+    missing: int
+    examples: tuple[str, ...]
+
+    def __str__(self) -> str:
+        what = f"all {self.rows}" if self.checked == self.rows else f"a sample of {self.checked} of {self.rows}"
+        if not self.missing:
+            return f"{what} images found under {self.root}"
+        shown = ", ".join(self.examples)
+        return (f"{self.missing} of {what} images are missing under {self.root} (e.g. {shown}); check the image "
+                "root (--data-root / --root) and the manifest's paths")
+
+
 def _row_mask(n: int, rows: np.ndarray) -> np.ndarray:
     mask = np.zeros(n, bool)
     mask[rows] = True
@@ -98,6 +219,7 @@ class Manifest:
     expressions: tuple[str, ...] = EXPRESSIONS
     aus: tuple[str, ...] = AUS
     meta: dict = field(default_factory=dict)
+    root: str | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -116,11 +238,19 @@ class Manifest:
         va_mask: np.ndarray | None = None,
         compound: np.ndarray | None = None,
         meta: dict | None = None,
+        root: str | os.PathLike | None = None,
+        drop_bad: bool = False,
     ) -> Manifest:
         """Build a manifest from per-row arrays; absent tasks are all-missing.
 
         ``dataset``/``split`` are a single name for every row or an array of names; ``expr`` uses
-        :data:`~fbn_fast.labels.MISSING` (-1) for unlabelled rows; ``va_mask`` defaults to "VA is finite".
+        :data:`~fbn_fast.labels.MISSING` (-1) for unlabelled rows; ``va_mask`` defaults to "VA is finite";
+        ``root``: the folder the paths are relative to (stored absolute).
+
+        A value that cannot be stored as given (see :func:`label_problems`: a NaN or fractional class code,
+        255 in the int8 expression column, a NaN or fractional AU or a NaN VA whose annotated flag is set) is a
+        ``ValueError`` naming the row, its path and the value; with ``drop_bad`` those rows are left out and
+        counted in ``meta["dropped_rows"]`` / ``meta["dropped_by_reason"]``.
         """
         n = len(paths)
         k = len(AUS)
@@ -128,30 +258,58 @@ class Manifest:
             datasets = (dataset,) if isinstance(dataset, str) else \
                 tuple(dict.fromkeys(np.asarray(dataset, dtype=object).tolist()))
         datasets = tuple(datasets)
-        blob, offsets = _encode_paths(paths)
         va_arr = np.zeros((n, 2), np.float32) if va is None else _column("va", va, n, (2,), np.float32)
         if va_mask is None:
             va_mask = np.zeros(n, bool) if va is None else np.isfinite(va_arr).all(1)
+        va_mask = _column("va_mask", va_mask, n, (), bool)
+        au_mask = np.zeros((n, k), bool) if au_mask is None else _column("au_mask", au_mask, n, (k,), bool)
+        problems = label_problems(paths, expr=expr, au=au, au_mask=au_mask, va=va_arr, va_mask=va_mask,
+                                  compound=compound)
+        keep = None
+        if problems:
+            if not drop_bad:
+                shown = "; ".join(f"row {r} ({os.fspath(paths[r])!r}): {why}: {value}"
+                                  for r, why, value in problems[:10])
+                more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+                raise ValueError(f"{len(problems)} label values cannot be stored: {shown}{more}; "
+                                 "pass drop_bad=True (--drop-bad) to drop these rows")
+            keep = np.ones(n, bool)
+            keep[[r for r, _, _ in problems]] = False
         if au is None:
             au_arr = np.zeros((n, k), np.uint8)
-        else:
-            au_arr = np.nan_to_num(_column("au", au, n, (k,), np.float32)).astype(np.uint8)
-        return cls(
+        else:  # unannotated entries may hold anything (NaN included); annotated ones are 0/1 (checked above)
+            au_arr = np.where(au_mask, np.nan_to_num(_column("au", au, n, (k,), np.float32)), 0).astype(np.uint8)
+        expr_arr = np.full(n, MISSING, np.int8) if expr is None else _int_codes("expr", expr, n)[0]
+        comp_arr = np.full(n, MISSING, np.int8) if compound is None else _int_codes("compound", compound, n)[0]
+        # Only unlabelled VA is zeroed: a labelled value that is out of range stays for bad_rows to report.
+        va_arr = np.where(va_mask[:, None], va_arr, np.nan_to_num(va_arr)).astype(np.float32)
+        if keep is not None:
+            va_arr[~keep] = 0.0  # the rows are dropped below; no NaN left behind for bad_rows to double count
+        blob, offsets = _encode_paths(paths)
+        m = cls(
             path_blob=blob,
             path_offsets=offsets,
             dataset=_codes(dataset, n, datasets, "dataset", np.int16),
             split=_codes(split, n, SPLITS, "split", np.int8),
             box=np.full((n, 4), np.nan, np.float32) if box is None else _column("box", box, n, (4,), np.float32),
-            expr=np.full(n, MISSING, np.int8) if expr is None else _column("expr", expr, n, (), np.int8),
+            expr=expr_arr,
             au=au_arr,
-            au_mask=np.zeros((n, k), bool) if au_mask is None else _column("au_mask", au_mask, n, (k,), bool),
-            va=np.nan_to_num(va_arr),
-            va_mask=_column("va_mask", va_mask, n, (), bool),
-            compound=(np.full(n, MISSING, np.int8) if compound is None
-                      else _column("compound", compound, n, (), np.int8)),
+            au_mask=au_mask,
+            va=va_arr,
+            va_mask=va_mask,
+            compound=comp_arr,
             datasets=datasets,
             meta=dict(meta or {}),
+            root=None if root is None else os.path.abspath(os.fspath(root)),
         )
+        if keep is None:
+            return m
+        for r, why, value in problems:
+            log.warning("dropped row %d (%r): %s: %s", r, os.fspath(paths[r]), why, value)
+        out = m.select(keep)
+        out.meta["dropped_rows"] = int((~keep).sum())
+        out.meta["dropped_by_reason"] = dict(Counter(why for _, why, _ in problems))
+        return out
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -243,7 +401,7 @@ class Manifest:
             np.zeros(0, np.uint8)
         cols = {c: getattr(self, c)[idx] for c in _COLUMNS}
         return Manifest(blob, offsets, **cols, datasets=self.datasets, splits=self.splits,
-                        expressions=self.expressions, aus=self.aus, meta=dict(self.meta))
+                        expressions=self.expressions, aus=self.aus, meta=dict(self.meta), root=self.root)
 
     def split_rows(self, split: str) -> np.ndarray:
         if split not in self.splits:
@@ -251,23 +409,36 @@ class Manifest:
         return self.split == self.splits.index(split)
 
     @staticmethod
-    def concat(parts: list[Manifest]) -> Manifest:
+    def concat(parts: list[Manifest], root: str | os.PathLike | None = None,
+               names: list[str] | None = None) -> Manifest:
         """Rows of ``parts`` one after another; dataset codes are merged by name.
+
+        Image roots: parts that record the same root (or none at all) are joined as they are. Parts with
+        different roots are rebased onto their deepest common folder (``/data/faces/AffectNet`` and
+        ``/data/faces/RAF-DB`` become ``/data/faces``, their paths gaining ``AffectNet/`` and ``RAF-DB/``);
+        ``root`` names the joined root instead (parts without a recorded root are taken as relative to it).
+        A mix of parts with and without a root, without ``root``, is a ``ValueError`` that says what to type.
+        ``names`` (e.g. the files) label the parts in messages.
 
         ``meta`` is the first part's, except ``meta["imports"]`` (the importers' records), which lists every
         part's records in order.
         """
         if not parts:
             raise ValueError("concat needs at least one manifest")
+        names = list(names) if names is not None else [f"manifest {i}" for i in range(len(parts))]
         datasets = tuple(dict.fromkeys(d for p in parts for d in p.datasets))
         for p in parts[1:]:
             if p.aus != parts[0].aus or p.expressions != parts[0].expressions or p.splits != parts[0].splits:
                 raise ValueError("cannot concatenate manifests with different label spaces or split names")
+        target, prefixes = _rebase([p.root for p in parts], names, root)
         blobs, offsets, base = [], [np.zeros(1, np.int64)], 0
-        for p in parts:
-            blobs.append(p.path_blob)
-            offsets.append(p.path_offsets[1:] + base)
-            base += len(p.path_blob)
+        for name, p, prefix in zip(names, parts, prefixes):
+            blob, offs = _prefixed(p.path_blob, p.path_offsets, prefix)
+            if prefix:
+                log.info("%s: paths rebased onto %s (prefix %s/)", name, target, prefix)
+            blobs.append(blob)
+            offsets.append(offs[1:] + base)
+            base += len(blob)
         cols = {c: np.concatenate([getattr(p, c) for p in parts]) for c in _COLUMNS}
         cols["dataset"] = np.concatenate(
             [np.array([datasets.index(n) for n in p.datasets], np.int16)[p.dataset] for p in parts]
@@ -277,7 +448,36 @@ class Manifest:
         if imports:
             meta["imports"] = imports
         return Manifest(np.concatenate(blobs), np.concatenate(offsets), **cols, datasets=datasets,
-                        splits=parts[0].splits, expressions=parts[0].expressions, aus=parts[0].aus, meta=meta)
+                        splits=parts[0].splits, expressions=parts[0].expressions, aus=parts[0].aus, meta=meta,
+                        root=target)
+
+    def check_files(self, root: str | os.PathLike | None = None, sample: int | None = None, seed: int = 0,
+                    examples: int = 5) -> FileCheck:
+        """Which image paths are not files under ``root`` (default: the recorded :attr:`root`).
+
+        ``sample``: look at that many rows drawn at random (``seed``) instead of all of them — what a
+        training preflight does before the first step. Raises ``ValueError`` when no root is known.
+        """
+        if root is None:
+            root = self.root
+        if root is None:
+            raise ValueError("this manifest records no image root; name the folder its paths are relative to "
+                             "(--root DIR, or --data-root for training)")
+        root = os.path.abspath(os.fspath(root))
+        n = len(self)
+        if sample is not None and sample < n:
+            rows = np.sort(np.random.default_rng(seed).choice(n, size=max(int(sample), 0), replace=False))
+        else:
+            rows = np.arange(n)
+        missing: list[str] = []
+        count = 0
+        for i in rows.tolist():
+            rel = self.path(i)
+            if not os.path.isfile(os.path.join(root, rel)):
+                count += 1
+                if len(missing) < examples:
+                    missing.append(rel)
+        return FileCheck(root=root, rows=n, checked=len(rows), missing=count, examples=tuple(missing))
 
     # ------------------------------------------------------------------ validation and I/O
     def bad_rows(self) -> list[tuple[int, str]]:
@@ -379,6 +579,7 @@ class Manifest:
             "expressions": list(self.expressions),
             "aus": list(self.aus),
             "meta": self.meta,
+            **({"root": self.root} if self.root is not None else {}),
         }
         cols = {c: getattr(self, c) for c in _COLUMNS}
         tmp = path.with_name(path.name + ".tmp")
@@ -453,7 +654,8 @@ def load_manifest(path: str | os.PathLike, drop_bad: bool = False,
         raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
     m = Manifest(**{k: data[k] for k in ("path_blob", "path_offsets", *_COLUMNS)},
                  datasets=tuple(header["datasets"]), splits=tuple(header["splits"]),
-                 expressions=tuple(header["expressions"]), aus=tuple(header["aus"]), meta=header.get("meta", {}))
+                 expressions=tuple(header["expressions"]), aus=tuple(header["aus"]), meta=header.get("meta", {}),
+                 root=header.get("root"))
     n = len(m.dataset)
     shapes = {"box": (4,), "au": (len(m.aus),), "au_mask": (len(m.aus),), "va": (2,)}
     for c in _COLUMNS:

@@ -5,7 +5,7 @@ A batch is a dict:
 =============  =========================  ==================================================================
 key            dtype / shape              meaning
 =============  =========================  ==================================================================
-``image``      float (N, 3, H, W)         ImageNet-normalised, channels-last memory format, requested dtype
+``image``      float (N, 3, H, W)         normalised (ImageNet, or ``normalization``), channels-last, requested dtype
 ``expr``       int64 (N,)                 expression class (0 where missing)
 ``expr_mask``  bool (N,)                  has an expression label
 ``au``         float32 (N, 17)            AU labels (0/1)
@@ -40,6 +40,8 @@ import numpy as np
 import torch
 
 from .decode import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     Augment,
     BadImage,
     BatchKey,
@@ -241,6 +243,26 @@ class TorchDecodeBackend:
         pass
 
 
+# ---------------------------------------------------------------------------------------------- normalisation
+def renormalization(normalization, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift) of shape (1, 3, 1, 1) that turn ImageNet-normalised images into images normalised with
+    ``normalization`` = (mean, std) per RGB channel on a 0–1 scale (e.g. a timm trunk's ``pretrained_cfg``);
+    None when it is ImageNet's (nothing to do). The decoders normalise with the ImageNet constants in the same
+    fused pass as the augmentation; a trunk with other statistics costs one extra multiply-add per batch."""
+    if normalization is None:
+        return None
+    mean, std = (tuple(float(v) for v in t) for t in normalization)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"normalization must be ((3 means), (3 positive stds)), got {normalization}")
+    if mean == tuple(IMAGENET_MEAN) and std == tuple(IMAGENET_STD):
+        return None
+    m_in, s_in = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    m_out, s_out = torch.tensor(mean), torch.tensor(std)
+    # x_in = (u - m_in) / s_in  ->  x_out = (u - m_out) / s_out = x_in * s_in / s_out + (m_in - m_out) / s_out
+    scale, shift = s_in / s_out, (m_in - m_out) / s_out
+    return scale.view(1, 3, 1, 1).to(device), shift.view(1, 3, 1, 1).to(device)
+
+
 # ---------------------------------------------------------------------------------------------- the loader
 class Loader:
     """Iterable over contract batches; one pass is one epoch of ``len(loader)`` batches.
@@ -252,8 +274,9 @@ class Loader:
     """
 
     def __init__(self, backend, sampler, labels: LabelTable, datasets: tuple[str, ...], device: torch.device,
-                 *, train: bool, image_size: int, dtype: torch.dtype) -> None:
+                 *, train: bool, image_size: int, dtype: torch.dtype, normalization=None) -> None:
         self._backend = backend
+        self._renorm = renormalization(normalization, device)
         self.sampler = sampler
         self.labels = labels
         self.datasets = datasets
@@ -313,7 +336,12 @@ class Loader:
         index = raw["index"]
         labels = self.labels.gather(index.numpy())
         nb = self.device.type == "cuda"
-        out = {"image": raw["image"]}
+        image = raw["image"]
+        if self._renorm is not None:
+            scale, shift = self._renorm
+            image = torch.addcmul(shift.to(image.device, torch.float32), image.float(),
+                                  scale.to(image.device, torch.float32)).to(image.dtype)
+        out = {"image": image}
         for k in BATCH_KEYS[1:]:
             t = index if k == "index" else labels[k]
             out[k] = t.to(self.device, non_blocking=nb)
@@ -373,7 +401,8 @@ def build_loader(manifest: Manifest, root: str | os.PathLike, *, batch_size: int
                  ratios: Mapping[str, float] | None = None, epoch_size: int | None = None, seed: int = 0,
                  rank: int = 0, world_size: int = 1, backend: str = "auto", num_workers: int = 2,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 drop_last: bool | None = None, augment: Augment | None = None) -> Loader:
+                 drop_last: bool | None = None, augment: Augment | None = None,
+                 normalization=None) -> Loader:
     """Build the input pipeline for ``split`` of ``manifest`` (paths relative to ``root``).
 
     Training (``train=True``) mixes ``datasets`` (default: those named in ``ratios``, else all in the split) in
@@ -383,6 +412,8 @@ def build_loader(manifest: Manifest, root: str | os.PathLike, *, batch_size: int
     always full). ``batch_size`` is per rank. ``device``: where the batch is delivered (and, for DALI and nvJPEG,
     where decoding runs). DALI has no bfloat16: a bfloat16 request is produced as float32 there and cast in torch.
     A manifest row whose path is absolute or leaves ``root`` is rejected here with a ValueError naming it.
+    ``normalization``: (mean, std) per RGB channel on a 0–1 scale the images are normalised with (default
+    ImageNet's), e.g. ``model.normalization`` of a :class:`~fbn_fast.model.FaceBehaviorNet`.
     """
     dev = torch.device(device)
     if not os.path.isdir(root):
@@ -430,4 +461,4 @@ def build_loader(manifest: Manifest, root: str | os.PathLike, *, batch_size: int
 
         impl = DaliBackend(source, sampler, **common)
     return Loader(impl, sampler, LabelTable(manifest), manifest.datasets, dev, train=train, image_size=image_size,
-                  dtype=dtype)
+                  dtype=dtype, normalization=normalization)

@@ -4,8 +4,9 @@ Every importer reads a corpus in its published layout and hands rows to a :class
 turns them into a :class:`~fbn_fast.data.manifest.Manifest`. Nothing is skipped silently: a row that is
 not imported is counted under a reason with :meth:`ImportRecord.drop`, a label removed from a row that is
 kept is counted with :meth:`ImportRecord.mask`; both tallies end up in ``manifest.meta["imports"]`` and in
-the import's log lines. Structural damage (a missing header, a line that does not parse) is a
-``ValueError`` naming the file and the line instead.
+the import's log lines. Structural damage (a missing header, a line that does not parse, a file that is not
+UTF-8 text, a class code that is not an integer) is a ``ValueError`` naming the file and the line instead;
+messages quote at most the first :data:`QUOTE_CHARS` characters of a cell or line.
 """
 
 from __future__ import annotations
@@ -24,9 +25,18 @@ from pathlib import Path
 import numpy as np
 
 from ...labels import AU_NUMBERS, MISSING, NUM_AUS
-from ..manifest import SPLITS, Manifest
+from ..manifest import SPLITS, Manifest, label_problems
 
 log = logging.getLogger("fbn_fast.data.importers")
+QUOTE_CHARS = 80  # longest piece of a file quoted in a message (an AffectNet landmark cell is ~700 characters)
+
+
+def quote(text: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr`` of ``text`` cut to its first ``limit`` characters (``…`` and the full length when cut)."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,7 @@ class ImportRecord:
         return {
             "corpus": self.corpus,
             "dataset": self.dataset,
-            "root": str(self.root),
+            "root": os.path.abspath(self.root),
             "sources": self.sources,
             "rows": rows,
             "rows_per_split": per_split,
@@ -92,6 +102,19 @@ def _tally(counts: Counter) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the builder
+def manifest_root(corpus_root: Path, prefix: str) -> str | None:
+    """The folder a manifest's paths are relative to: the corpus folder, or with ``prefix`` the folder that
+    holds it under that name (``/data/faces`` for ``/data/faces/AffectNet`` and prefix ``AffectNet``);
+    None when ``prefix`` is not the end of the corpus folder's path."""
+    root = Path(os.path.abspath(corpus_root))
+    parts = Path(prefix).parts if prefix else ()
+    if not parts:
+        return str(root)
+    if root.parts[-len(parts):] == parts and len(root.parts) > len(parts):
+        return str(Path(*root.parts[:-len(parts)]))
+    return None
+
+
 class RowBuilder:
     """Accumulates rows in chunks (one chunk per file, video or subject) and builds the manifest."""
 
@@ -102,23 +125,34 @@ class RowBuilder:
 
     def add(self, paths: list[str], split: str | np.ndarray, *, expr=None, au=None, au_mask=None, va=None,
             va_mask=None, box=None, compound=None) -> None:
-        """Add ``len(paths)`` rows; label arrays follow :meth:`Manifest.from_columns` (absent = missing)."""
+        """Add ``len(paths)`` rows; label arrays follow :meth:`Manifest.from_columns` (absent = missing).
+
+        A value that would not survive storage (see :func:`~fbn_fast.data.manifest.label_problems`: a NaN AU
+        or VA whose annotated flag is set, a class code such as 3.7 or 255) is a ``ValueError`` naming the row's
+        image: the corpus parsers mask invalid markers before they get here, so this is never silent.
+        """
         n = len(paths)
         if not n:
             return
+        if va_mask is None:
+            va_mask = np.zeros(n, bool) if va is None else np.isfinite(np.asarray(va, np.float64)).all(1)
+        problems = label_problems(paths, expr=expr, au=au, au_mask=au_mask, va=va, va_mask=va_mask,
+                                  compound=compound)
+        if problems:
+            r, why, value = problems[0]
+            raise ValueError(f"{self.record.corpus}: {len(problems)} label values cannot be stored, first: "
+                             f"{paths[r]!r}: {why}: {value}")
         chunk = {
             "paths": list(paths),
             "split": np.full(n, split, dtype=object) if isinstance(split, str) else np.asarray(split, object),
-            "expr": np.full(n, MISSING, np.int8) if expr is None else np.asarray(expr, np.int8),
-            "au": np.zeros((n, NUM_AUS), np.uint8) if au is None else np.asarray(au, np.uint8),
+            "expr": np.full(n, MISSING, np.int8) if expr is None else np.asarray(expr).astype(np.int8),
+            "au": np.zeros((n, NUM_AUS), np.uint8) if au is None else np.nan_to_num(np.asarray(au)).astype(np.uint8),
             "au_mask": np.zeros((n, NUM_AUS), bool) if au_mask is None else np.asarray(au_mask, bool),
             "va": np.zeros((n, 2), np.float32) if va is None else np.nan_to_num(np.asarray(va, np.float32)),
             "box": np.full((n, 4), np.nan, np.float32) if box is None else np.asarray(box, np.float32),
-            "compound": np.full(n, MISSING, np.int8) if compound is None else np.asarray(compound, np.int8),
+            "compound": np.full(n, MISSING, np.int8) if compound is None else np.asarray(compound).astype(np.int8),
+            "va_mask": np.asarray(va_mask, bool),
         }
-        if va_mask is None:
-            va_mask = np.zeros(n, bool) if va is None else np.isfinite(np.asarray(va, np.float64)).all(1)
-        chunk["va_mask"] = np.asarray(va_mask, bool)
         self._chunks.append(chunk)
 
     def build(self, dedupe: bool = False) -> Manifest:
@@ -157,8 +191,13 @@ class RowBuilder:
         split = cols.pop("split")
         per_split = {s: int((split == s).sum()) for s in SPLITS if (split == s).any()}
         meta = {"imports": [rec.as_meta(len(paths), per_split)]}
+        root = manifest_root(rec.root, self.prefix)
+        if root is None:
+            log.warning("%s: --prefix %r is not the end of the corpus folder %s, so the manifest records no image "
+                        "root; training then needs --data-root (the folder that holds %s/)", rec.corpus,
+                        self.prefix, os.path.abspath(rec.root), self.prefix)
         m = Manifest.from_columns(paths, rec.dataset, split=split.astype(str) if len(split) else "train",
-                                  meta=meta, **cols)
+                                  meta=meta, root=root, **cols)
         log.info("%s: %d rows into dataset %r from %s (%s)", rec.corpus, len(m), rec.dataset, rec.root,
                  ", ".join(f"{s} {n}" for s, n in per_split.items()) or "no rows")
         log.info("%s: rows left out: %s", rec.corpus, _tally(rec.dropped))
@@ -250,13 +289,24 @@ class FramePattern:
 
 
 # ---------------------------------------------------------------------------------------------- text
-def read_lines(path: Path) -> list[str]:
-    """Lines of a text file (UTF-8, a BOM tolerated) without line ends; trailing blank lines removed."""
+def read_text(path: Path) -> str:
+    """The text of an annotation file (UTF-8, a BOM tolerated); a binary or otherwise undecodable file is a
+    ``ValueError`` naming it (e.g. an ``.xlsx`` that was renamed instead of saved as CSV)."""
+    data = Path(path).read_bytes()
+    if b"\x00" in data[:65536]:
+        raise ValueError(f"{path}: binary content (NUL bytes), not a text annotation file; a spreadsheet must be "
+                         "saved as CSV")
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        text = Path(path).read_text(encoding="latin-1")
-    lines = text.splitlines()
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "save the file as UTF-8") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """Lines of a text file (see :func:`read_text`) without line ends; trailing blank lines removed."""
+    lines = read_text(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
@@ -292,7 +342,7 @@ def parse_numbers(path: Path, lines: list[str], first_line: int, columns: int, s
             np.array([c.strip() for c in cells], dtype=dtype)
         except ValueError:
             raise ValueError(f"{path}: line {first_line + j}: expected {columns} numbers separated by "
-                             f"{sep or 'spaces'!r}, got {line!r}") from None
+                             f"{sep or 'spaces'!r}, got {quote(line)}") from None
     raise ValueError(f"{path}: could not parse the numbers")  # unreachable: some line must have failed
 
 
@@ -338,5 +388,12 @@ def add_common_arguments(p: argparse.ArgumentParser, dataset: str) -> None:
                    help="folder prepended to every path, so that manifests of several corpora share one root")
 
 
-__all__ = ["FileIndex", "FramePattern", "ImportRecord", "Importer", "RowBuilder", "au_columns_in_space",
-           "au_number", "comma_list", "parse_numbers", "read_lines", "relative_to", "subject_splits"]
+def header_error(path: Path, expected: str, lines: list[str]) -> ValueError:
+    """The error for a first line that is not the header a file needs (the line quoted, cut short)."""
+    got = quote(lines[0]) if lines else "an empty file"
+    return ValueError(f"{path}: line 1: expected {expected}, got {got}")
+
+
+__all__ = ["QUOTE_CHARS", "FileIndex", "FramePattern", "ImportRecord", "Importer", "RowBuilder",
+           "au_columns_in_space", "au_number", "comma_list", "header_error", "manifest_root", "parse_numbers",
+           "quote", "read_lines", "read_text", "relative_to", "subject_splits"]

@@ -5,7 +5,9 @@ Follows the layout and label conventions of the AffectNet distribution (Mollahos
 arXiv 1708.03985) as read by public loaders of its files:
 
 * ``Manually_Annotated_file_lists/training.csv`` and ``validation.csv`` with the header
-  ``subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal``;
+  ``subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal``
+  (some copies of ``validation.csv`` have no header line: a first row that parses as data is read as data,
+  with these columns in this order, as public loaders name them);
   images under ``Manually_Annotated_Images/<subDirectory_filePath>`` (also accepted one level deeper, as
   ``Manually_Annotated/Manually_Annotated_Images``). The face box is ``face_x, face_y, face_width,
   face_height`` in pixels of the full image; landmarks are ``;``-separated and not imported.
@@ -16,7 +18,8 @@ arXiv 1708.03985) as read by public loaders of its files:
 Our handling **(our choices)**: code 10 (No-Face) drops the row, as the image holds no face; codes 8 (None)
 and 9 (Uncertain) keep the image with the expression missing; 7 (Contempt), which has no place among the 7
 expressions, is masked (expression missing) while its VA is kept; VA -2 (or outside [-1, 1]) makes VA missing;
-a box with a non-positive side is left out (NaN) and the row kept. A row left with no label is dropped.
+a box with a non-positive side is left out (NaN) and the row kept. A row left with no label is dropped. An
+expression code that is not an integer (``3.7``) is an error naming the file and line, never truncated.
 ``validation.csv`` is the split ``val`` by default (``validation_split="test"`` for papers that report on it,
 as the official test set is not public).
 
@@ -30,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import itertools
 import math
 from pathlib import Path
 
@@ -37,12 +42,23 @@ import numpy as np
 
 from ...labels import MISSING, from_affectnet
 from ..manifest import SPLITS, Manifest
-from ._common import FileIndex, Importer, ImportRecord, RowBuilder, add_common_arguments, relative_to
+from ._common import (
+    FileIndex,
+    Importer,
+    ImportRecord,
+    RowBuilder,
+    add_common_arguments,
+    quote,
+    read_text,
+    relative_to,
+)
 
 NAME = "affectnet"
 CSV_FILES = (("training.csv", "train"), ("validation.csv", None))
-REQUIRED = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression", "valence",
-            "arousal")
+#: The columns of the list files, in their order; the header-less copies of validation.csv are read with them.
+COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks", "expression",
+           "valence", "arousal")
+REQUIRED = tuple(c for c in COLUMNS if c != "facial_landmarks")
 IMAGE_DIRS = ("Manually_Annotated_Images", "Manually_Annotated/Manually_Annotated_Images")
 VA_MISSING = -2.0
 CONTEMPT, NONE, UNCERTAIN, NO_FACE = 7, 8, 9, 10
@@ -79,60 +95,95 @@ def _va(valence: float, arousal: float, rec: ImportRecord) -> tuple[float, float
     return valence, arousal
 
 
-def _number(text: str) -> float:
+def _number(text: str, what: str) -> float:
+    """A number cell; an empty cell is NaN; anything else is a ValueError quoting (the start of) the cell."""
     text = text.strip()
-    return float(text) if text else math.nan
+    if not text:
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{what} {quote(text)} is not a number") from None
+
+
+def _code(text: str) -> int:
+    """An expression code: an integer (``3`` or ``3.0``); ``3.7``, NaN or text is a ValueError, never truncated."""
+    value = _number(text, "expression")
+    if not (math.isfinite(value) and value == int(value)):
+        raise ValueError(f"expression {quote(text.strip())} is not an integer code")
+    return int(value)
+
+
+def _is_data_row(row: list[str]) -> bool:
+    """Whether the first row of a list file is data (the header-less variant) rather than a header."""
+    if len(row) < len(COLUMNS):
+        return False
+    try:
+        for j in (1, 2, 3, 4, 6, 7, 8):
+            float(row[j])
+    except ValueError:
+        return False
+    return True
 
 
 def _read_csv(path: Path, split: str, images: str, index: FileIndex | None, builder: RowBuilder) -> None:
     rec = builder.record
     rec.source(path)
     paths, expr, va, va_mask, box = [], [], [], [], []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: empty file, expected the header {','.join(REQUIRED)}")
-        col = {name.strip(): j for j, name in enumerate(header)}
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    first = next(reader, None)
+    while first is not None and not any(cell.strip() for cell in first):
+        first = next(reader, None)
+    if first is None:
+        raise ValueError(f"{path}: empty file, expected rows of {','.join(COLUMNS)} (with or without that header)")
+    if _is_data_row(first):
+        # The header-less copies of validation.csv: the columns are the official ones, in the official order.
+        col = {name: j for j, name in enumerate(COLUMNS)}
+        rows = itertools.chain([first], reader)
+        rec.notes.setdefault("files_without_header", []).append(path.name)
+    else:
+        col = {name.strip(): j for j, name in enumerate(first)}
         missing = [c for c in REQUIRED if c not in col]
         if missing:
-            raise ValueError(f"{path}: line 1: header lacks columns {missing}; it has {header}")
-        width = max(col[c] for c in REQUIRED) + 1
-        for row in reader:
-            if not row or not any(cell.strip() for cell in row):
+            raise ValueError(f"{path}: line {reader.line_num}: header lacks columns {missing}; its first cells are "
+                             f"{', '.join(quote(c, 40) for c in first[:9])}")
+        rows = reader
+    width = max(col[c] for c in REQUIRED) + 1
+    for row in rows:
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        line = reader.line_num
+        if len(row) < width:
+            raise ValueError(f"{path}: line {line}: {len(row)} fields, expected at least {width}")
+        try:
+            code = _code(row[col["expression"]])
+            v, a = _number(row[col["valence"]], "valence"), _number(row[col["arousal"]], "arousal")
+            x, y, w, h = (_number(row[col[c]], c) for c in ("face_x", "face_y", "face_width", "face_height"))
+        except ValueError as exc:
+            raise ValueError(f"{path}: line {line}: {exc}") from None
+        rel = row[col["subDirectory_filePath"]].strip().replace("\\", "/")
+        if not rel:
+            raise ValueError(f"{path}: line {line}: empty subDirectory_filePath")
+        image = f"{images}/{rel}" if images else rel
+        if index is not None:
+            found = index.find(image)
+            if found is None:
+                rec.drop("image missing")
                 continue
-            line = reader.line_num
-            if len(row) < width:
-                raise ValueError(f"{path}: line {line}: {len(row)} fields, expected at least {width}")
-            try:
-                code = int(float(row[col["expression"]]))
-                v, a = float(row[col["valence"]]), float(row[col["arousal"]])
-                x, y, w, h = (_number(row[col[c]]) for c in ("face_x", "face_y", "face_width", "face_height"))
-            except ValueError as exc:
-                raise ValueError(f"{path}: line {line}: {exc}") from None
-            rel = row[col["subDirectory_filePath"]].strip().replace("\\", "/")
-            if not rel:
-                raise ValueError(f"{path}: line {line}: empty subDirectory_filePath")
-            image = f"{images}/{rel}" if images else rel
-            if index is not None:
-                found = index.find(image)
-                if found is None:
-                    rec.drop("image missing")
-                    continue
-                image = found
-            e = _expression(code, rec)
-            if e is None:
-                continue
-            pair = _va(v, a, rec)
-            if all(math.isfinite(t) for t in (x, y, w, h)) and w > 0 and h > 0:
-                box.append((x, y, x + w, y + h))
-            else:
-                rec.mask("face box with a non-positive side left out")
-                box.append((math.nan,) * 4)
-            paths.append(image)
-            expr.append(e)
-            va.append(pair or (0.0, 0.0))
-            va_mask.append(pair is not None)
+            image = found
+        e = _expression(code, rec)
+        if e is None:
+            continue
+        pair = _va(v, a, rec)
+        if all(math.isfinite(t) for t in (x, y, w, h)) and w > 0 and h > 0:
+            box.append((x, y, x + w, y + h))
+        else:
+            rec.mask("face box with a non-positive side left out")
+            box.append((math.nan,) * 4)
+        paths.append(image)
+        expr.append(e)
+        va.append(pair or (0.0, 0.0))
+        va_mask.append(pair is not None)
     builder.add(paths, split, expr=np.array(expr, np.int8), va=np.array(va, np.float32).reshape(-1, 2),
                 va_mask=np.array(va_mask, bool), box=np.array(box, np.float32).reshape(-1, 4))
 
@@ -161,7 +212,7 @@ def _read_npy_split(root: Path, split_dir: Path, split: str, builder: RowBuilder
             rec.drop("annotation .npy files missing")
             continue
         code, v, a = (_scalar(annotations / n) for n in names)
-        if code != int(code):
+        if not (math.isfinite(code) and code == int(code)):
             raise ValueError(f"{annotations / names[0]}: expression {code} is not an integer code")
         e = _expression(int(code), rec)
         if e is None:

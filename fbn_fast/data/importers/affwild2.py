@@ -41,6 +41,7 @@ from ._common import (
     add_common_arguments,
     au_columns_in_space,
     au_number,
+    header_error,
     parse_numbers,
     read_lines,
 )
@@ -74,7 +75,7 @@ def find_annotations(root: Path) -> Path:
 def _read_va(path: Path, rec: ImportRecord) -> tuple[np.ndarray, np.ndarray]:
     lines = read_lines(path)
     if not lines or [c.strip().lower() for c in lines[0].split(",")] != ["valence", "arousal"]:
-        raise ValueError(f"{path}: line 1: expected the header 'valence,arousal', got {lines[:1]}")
+        raise header_error(path, "the header 'valence,arousal'", lines)
     va = parse_numbers(path, lines[1:], 2, 2)
     invalid = (va == VA_INVALID).any(1)
     out_of_range = ~invalid & ~(np.abs(va) <= 1).all(1)
@@ -89,8 +90,7 @@ def _read_expr(path: Path, rec: ImportRecord) -> np.ndarray:
     table = np.array([EXPRESSIONS.index(_CANONICAL[n.lower()]) if n.lower() in _CANONICAL else MISSING
                       for n in names], np.int64)
     if not len(table) or (table == MISSING).all():
-        raise ValueError(f"{path}: line 1: expected the header of expression names "
-                         f"(e.g. {','.join(EXPRESSIONS)},Other), got {lines[:1]}")
+        raise header_error(path, f"the header of expression names (e.g. {','.join(EXPRESSIONS)},Other)", lines)
     codes = parse_numbers(path, lines[1:], 2, 1)[:, 0]
     if (codes != np.round(codes)).any():
         j = int(np.flatnonzero(codes != np.round(codes))[0])
@@ -111,7 +111,7 @@ def _read_au(path: Path, rec: ImportRecord) -> tuple[np.ndarray, np.ndarray]:
     header = [c.strip() for c in lines[0].split(",")] if lines else []
     numbers = [au_number(c) for c in header]
     if not header or None in numbers:
-        raise ValueError(f"{path}: line 1: expected the header of AU names (e.g. AU1,AU2,AU4,...), got {lines[:1]}")
+        raise header_error(path, "the header of AU names (e.g. AU1,AU2,AU4,...)", lines)
     src, dst, dropped = au_columns_in_space(numbers)
     if dropped:
         rec.notes["au_columns_dropped"] = sorted(set(rec.notes.get("au_columns_dropped", []))

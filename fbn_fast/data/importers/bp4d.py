@@ -39,6 +39,7 @@ from ._common import (
     au_columns_in_space,
     au_number,
     comma_list,
+    header_error,
     parse_numbers,
     read_lines,
     subject_splits,
@@ -60,7 +61,7 @@ def _read_csv(path: Path, rec: ImportRecord) -> tuple[np.ndarray, np.ndarray, np
     header = [c.strip() for c in lines[0].split(",")] if lines else []
     numbers = [au_number(c) for c in header[1:]]
     if len(header) < 2 or None in numbers:
-        raise ValueError(f"{path}: line 1: expected a header of AU numbers after the frame column, got {lines[:1]}")
+        raise header_error(path, "a header of AU numbers after the frame column", lines)
     src, dst, dropped = au_columns_in_space(numbers)
     if dropped:
         rec.notes["au_columns_dropped"] = sorted(set(rec.notes.get("au_columns_dropped", []))

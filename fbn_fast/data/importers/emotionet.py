@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import posixpath
 from pathlib import Path
@@ -32,7 +33,16 @@ import numpy as np
 
 from ...labels import AU_NUMBERS, NUM_AUS
 from ..manifest import SPLITS, Manifest
-from ._common import FileIndex, Importer, ImportRecord, RowBuilder, add_common_arguments, au_number
+from ._common import (
+    FileIndex,
+    Importer,
+    ImportRecord,
+    RowBuilder,
+    add_common_arguments,
+    au_number,
+    quote,
+    read_text,
+)
 
 NAME = "emotionet"
 UNKNOWN = 999
@@ -57,43 +67,41 @@ def _code(cell: str) -> float:
         return math.nan
 
 
-def _rows_csv(path: Path, rec: ImportRecord):
+def _rows_csv(path: Path, text: str, rec: ImportRecord):
     """(line, url, {AU number: code}) for each row of the header-ed CSV table."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [_clean(c) for c in next(reader)]
-        aus = {j: au_number(c) for j, c in enumerate(header) if c.upper().startswith("AU")}
-        aus = {j: n for j, n in aus.items() if n is not None}
-        if not aus:
-            raise ValueError(f"{path}: line 1: no AU columns in the header {header}")
-        outside = sorted({n for n in aus.values() if n not in AU_NUMBERS})
-        if outside:
-            rec.notes["au_columns_not_read"] = sorted(set(rec.notes.get("au_columns_not_read", []))
-                                                      | {f"AU{n}" for n in outside})
-        width = max(aus) + 1
-        for row in reader:
-            if not row or not any(c.strip() for c in row):
-                continue
-            if len(row) < width:
-                raise ValueError(f"{path}: line {reader.line_num}: {len(row)} fields, expected at least {width}")
-            yield reader.line_num, row[0], {n: _code(row[j]) for j, n in aus.items() if n in AU_NUMBERS}
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [_clean(c) for c in next(reader)]
+    aus = {j: au_number(c) for j, c in enumerate(header) if c.upper().startswith("AU")}
+    aus = {j: n for j, n in aus.items() if n is not None}
+    if not aus:
+        raise ValueError(f"{path}: line 1: no AU columns in the header {quote(','.join(header))}")
+    outside = sorted({n for n in aus.values() if n not in AU_NUMBERS})
+    if outside:
+        rec.notes["au_columns_not_read"] = sorted(set(rec.notes.get("au_columns_not_read", []))
+                                                  | {f"AU{n}" for n in outside})
+    width = max(aus) + 1
+    for row in reader:
+        if not row or not any(c.strip() for c in row):
+            continue
+        if len(row) < width:
+            raise ValueError(f"{path}: line {reader.line_num}: {len(row)} fields, expected at least {width}")
+        yield reader.line_num, row[0], {n: _code(row[j]) for j, n in aus.items() if n in AU_NUMBERS}
 
 
-def _rows_txt(path: Path, rec: ImportRecord):
+def _rows_txt(path: Path, text: str, rec: ImportRecord):
     """(line, url, {AU number: code}) for each line of a tab-separated challenge file."""
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            cells = line.rstrip("\r\n").split("\t")
-            if len(cells) < 3:
-                raise ValueError(f"{path}: line {line_no}: expected URL, original URL and AU codes separated by tabs")
-            yield line_no, cells[0], {n: _code(cells[n + 1]) for n in AU_NUMBERS if n + 1 < len(cells)}
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        if len(cells) < 3:
+            raise ValueError(f"{path}: line {line_no}: expected URL, original URL and AU codes separated by tabs, "
+                             f"got {quote(line)}")
+        yield line_no, cells[0], {n: _code(cells[n + 1]) for n in AU_NUMBERS if n + 1 < len(cells)}
 
 
-def _is_table(path: Path) -> bool:
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        first = f.readline()
+def _is_table(text: str) -> bool:
+    first = text.split("\n", 1)[0]
     return _clean(first.split(",")[0].split("\t")[0]).upper() == "URL"
 
 
@@ -126,12 +134,13 @@ def import_emotionet(root: str | Path, *, tables: list[str] | tuple[str, ...] | 
     images = images.strip("/")
     for path in paths:
         rec.source(path)
-        rows = _rows_csv(path, rec) if _is_table(path) else _rows_txt(path, rec)
+        text = read_text(path)
+        rows = _rows_csv(path, text, rec) if _is_table(text) else _rows_txt(path, text, rec)
         out_paths, au, mask = [], [], []
         for line_no, url, codes in rows:
             name = _local_name(url, image_names)
             if not name:
-                raise ValueError(f"{path}: line {line_no}: no image name in {url!r}")
+                raise ValueError(f"{path}: line {line_no}: no image name in {quote(url)}")
             rel = f"{images}/{name}" if images else name
             if index is not None:
                 found = index.find(rel)

@@ -32,7 +32,16 @@ import numpy as np
 
 from ...labels import COMPOUNDS, from_rafdb
 from ..manifest import Manifest
-from ._common import FileIndex, Importer, ImportRecord, RowBuilder, add_common_arguments, read_lines
+from ._common import (
+    FileIndex,
+    Importer,
+    ImportRecord,
+    RowBuilder,
+    add_common_arguments,
+    quote,
+    read_lines,
+    read_text,
+)
 
 LIST_FILE = "EmoLabel/list_patition_label.txt"
 #: RAF-DB's compound labels 1..11, in its order.
@@ -55,11 +64,11 @@ def _base(root: Path, sub: str) -> str:
 
 
 def _box(path: Path) -> tuple[float, float, float, float] | None:
-    values = path.read_text().split()
+    values = read_text(path).split()
     try:
         x0, y0, x1, y1 = (float(v) for v in values[:4])
     except ValueError:
-        raise ValueError(f"{path}: expected four numbers x0 y0 x1 y1, got {values[:4]}") from None
+        raise ValueError(f"{path}: expected four numbers x0 y0 x1 y1, got {quote(' '.join(values[:4]))}") from None
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
@@ -84,12 +93,12 @@ def _import(root: str | Path, compound: bool, images: str, dataset: str, prefix:
             continue
         cells = line.split()
         if len(cells) != 2:
-            raise ValueError(f"{list_file}: line {j}: expected '<image> <label>', got {line!r}")
+            raise ValueError(f"{list_file}: line {j}: expected '<image> <label>', got {quote(line)}")
         image, label_text = cells
         try:
             label = int(label_text)
         except ValueError:
-            raise ValueError(f"{list_file}: line {j}: label {label_text!r} is not an integer") from None
+            raise ValueError(f"{list_file}: line {j}: label {quote(label_text)} is not an integer") from None
         split = "train" if image.startswith("train") else "test" if image.startswith("test") else None
         if split is None:
             rec.drop("image name without train/test prefix")
