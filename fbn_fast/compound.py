@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .labels import COMPOUND_PARENTS, COMPOUNDS, EXPRESSIONS
+from .labels import COMPOUND_PARENTS, COMPOUNDS, EXPRESSIONS, MISSING
 from .losses.reference import DEFAULT_EPS, au_log_likelihood, relatedness_log_terms
 from .relatedness import Relatedness, compound_prior
 from .validation import validate_relatedness
 
 __all__ = [
+    "CompoundScorer",
     "FewShotCompoundHead",
     "fit_few_shot",
     "parent_matrix",
@@ -155,6 +156,50 @@ def zero_shot_logits(
 def zero_shot_posteriors(au_probs: Tensor, **kwargs: Any) -> Tensor:
     """``P(compound j | image)`` (B, J): softmax of :func:`zero_shot_logits` (same keyword arguments)."""
     return torch.softmax(zero_shot_logits(au_probs, **kwargs), dim=1)
+
+
+class CompoundScorer:
+    """Zero-shot compound scores from model outputs over a subset of the compound table's classes.
+
+    The one way the tools score zero-shot compounds: :func:`zero_shot_logits` on ``sigmoid(au_logits)`` with
+    ``β`` and ``T``, over the rows ``classes`` (compound ids into :data:`~fbn_fast.labels.COMPOUNDS`, in order;
+    default: all). Labels map to positions in that subset with :meth:`targets` (ids outside it are masked).
+    """
+
+    def __init__(self, classes: Sequence[int] | None = None, beta: float = 0.0, temperature: float = 1.0,
+                 table: Relatedness | None = None) -> None:
+        table = table or compound_prior()
+        classes = list(range(len(table.classes))) if classes is None else [int(c) for c in classes]
+        if not classes:
+            raise ValueError("compound classes: empty list")
+        bad = [c for c in classes if not 0 <= c < len(table.classes)]
+        if bad:
+            raise ValueError(f"compound classes {bad} are outside [0, {len(table.classes)})")
+        self.classes = classes
+        self.names = [table.classes[c] for c in classes]
+        self.table = Relatedness(table.matrix[classes], tuple(self.names), table.aus, source=table.source)
+        self.beta, self.temperature = float(beta), _check_temperature(temperature)
+        lookup = np.full(len(table.classes), MISSING, np.int64)
+        lookup[classes] = np.arange(len(classes))
+        self._lookup = torch.as_tensor(lookup)
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def logits(self, expr_logits: Tensor, au_logits: Tensor) -> Tensor:
+        """Compound log-scores (B, J) from the model's expression and AU logits."""
+        s = torch.sigmoid(au_logits.float())
+        lp = torch.log_softmax(expr_logits.float(), dim=1) if self.beta else None
+        return zero_shot_logits(s, relatedness=self.table, temperature=self.temperature, expr_log_probs=lp,
+                                beta=self.beta)
+
+    def targets(self, compound: Tensor) -> tuple[Tensor, Tensor]:
+        """``(positions, mask)`` of compound ids (B,) (``MISSING`` or a class outside the subset → masked)."""
+        c = compound.long()
+        lookup = self._lookup.to(c.device)
+        valid = (c >= 0) & (c < len(lookup))
+        pos = torch.where(valid, lookup[c.clamp(0, len(lookup) - 1)], torch.full_like(c, MISSING))
+        return pos.clamp(min=0), pos >= 0
 
 
 class FewShotCompoundHead(nn.Module):

@@ -14,16 +14,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
 import types
 import typing
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["SECTIONS", "TrainConfig", "build_parser", "dump_toml", "explicit_values", "load_recipe", "parse_args"]
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+__all__ = [
+    "AMP_DTYPE_ALIASES",
+    "SECTIONS",
+    "TrainConfig",
+    "add_config_options",
+    "build_parser",
+    "check_options",
+    "dump_toml",
+    "explicit_values",
+    "load_recipe",
+    "parse_args",
+    "renamed_keywords",
+    "warn_deprecated",
+]
 
 SECTIONS: tuple[str, ...] = ("run", "data", "model", "optim", "loss", "profile")
 #: Input pipeline paths (fbn_fast.data.pipeline.BACKENDS; repeated here so parsing options stays light).
@@ -78,7 +96,8 @@ class TrainConfig:
     ratios: list[float] = _f([], "data", "mixing ratios of --datasets per batch (default: proportional to size)",
                              metavar="R")
     epoch_size: int = _f(0, "data", "batches per epoch (0: training rows // global batch size)")
-    loader_backend: str = _f("auto", "data", "input pipeline backend (auto picks the fastest available)")
+    loader_backend: str = _f("auto", "data", "input pipeline backend (auto picks the fastest available)",
+                             choices=_LOADER_BACKENDS)
     num_workers: int = _f(2, "data", "decode workers per process")
     eval_split: str = _f("test", "data", "split evaluated at the end", choices=("train", "val", "test"))
     # ---- model
@@ -201,8 +220,6 @@ class TrainConfig:
             bad("trunk", f"must be one of {list(TRUNKS)} or timm:<name>")
         if self.loss_backend not in ("auto", *LOSS_BACKENDS):
             bad("loss_backend", f"must be one of {['auto', *LOSS_BACKENDS]}")
-        if self.loader_backend not in _LOADER_BACKENDS:
-            bad("loader_backend", f"must be one of {list(_LOADER_BACKENDS)}")
         if not self.relatedness:
             bad("relatedness", "must be prior, data or a file")
 
@@ -361,6 +378,30 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def _option_kwargs(name: str, defaults: TrainConfig) -> dict[str, Any]:
+    """``add_argument`` keywords of field ``name`` (help, choices, type, nargs, metavar; no default)."""
+    f = TrainConfig.fields()[name]
+    tp, _ = _base_type(f.type)
+    origin = typing.get_origin(tp) or tp
+    kw: dict[str, Any] = {"help": f.metadata["help"], "dest": name}
+    if f.metadata.get("metavar"):
+        kw["metavar"] = f.metadata["metavar"]
+    if f.metadata.get("choices"):
+        kw["choices"] = f.metadata["choices"]
+    default = getattr(defaults, name)
+    kw["help"] += f" (default: {default!r})" if default not in (None, [], {}, "") else ""
+    if origin is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        kw.update(nargs="*", type=item)
+    elif origin is dict:
+        kw["type"] = _json_dict
+    else:
+        kw["type"] = origin
+    return kw
+
+
 def build_parser(prog: str = "python -m fbn_fast.train", description: str | None = None) -> argparse.ArgumentParser:
     """The command-line parser: ``--config`` plus one option per :class:`TrainConfig` field, grouped by section."""
     defaults = TrainConfig()
@@ -378,25 +419,7 @@ def build_parser(prog: str = "python -m fbn_fast.train", description: str | None
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as TOML and exit")
     groups = {s: parser.add_argument_group(s) for s in SECTIONS}
     for name, f in TrainConfig.fields().items():
-        tp, _ = _base_type(f.type)
-        origin = typing.get_origin(tp) or tp
-        kw: dict[str, Any] = {"help": f.metadata["help"], "dest": name}
-        if f.metadata.get("metavar"):
-            kw["metavar"] = f.metadata["metavar"]
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
-        default = getattr(defaults, name)
-        kw["help"] += f" (default: {default!r})" if default not in (None, [], {}, "") else ""
-        if origin is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif origin is list:
-            (item,) = typing.get_args(tp)
-            kw.update(nargs="*", type=item)
-        elif origin is dict:
-            kw["type"] = _json_dict
-        else:
-            kw["type"] = origin
-        groups[f.metadata["section"]].add_argument(TrainConfig.option(name), **kw)
+        groups[f.metadata["section"]].add_argument(TrainConfig.option(name), **_option_kwargs(name, defaults))
     return parser
 
 
@@ -430,3 +453,101 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         print(dump_toml(cfg))
         parser.exit(0)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- shared options
+#: Old spellings of ``--amp-dtype`` values (the inference tools' former ``--dtype``), accepted for one release.
+AMP_DTYPE_ALIASES: dict[str, str] = {"float32": "none", "fp32": "none", "bfloat16": "bf16", "float16": "fp16"}
+
+
+_WARNED: dict = {}  # the warnings registry of deprecation messages: each is shown once per process
+
+
+def warn_deprecated(message: str, where: str = "fbn_fast") -> None:
+    """A ``FutureWarning`` (shown to users by default, unlike ``DeprecationWarning``), once per message."""
+    warnings.warn_explicit(message, FutureWarning, filename=where, lineno=0, module="fbn_fast", registry=_WARNED)
+
+
+def renamed_keywords(**renames: str) -> Callable[[_Fn], _Fn]:
+    """Decorator: keyword arguments renamed to the option vocabulary (``old=new``) still work for one release,
+    with a deprecation warning."""
+    def wrap(fn: _Fn) -> _Fn:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__name__}() got both {old}= and its new name {new}=")
+                    warn_deprecated(f"{fn.__name__}({old}=...) is deprecated and will be removed in the next "
+                                    f"release; use {new}=")
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+        return inner  # type: ignore[return-value]
+    return wrap
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old option spelling: stores into the new option's ``dest`` (mapping old values) and warns once."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, target: str,
+                 value_aliases: dict[str, str] | None = None, **kwargs: Any) -> None:
+        self.target = target
+        self.value_aliases = dict(value_aliases or {})
+        choices = kwargs.pop("choices", None)
+        if choices is not None:
+            choices = (*choices, *self.value_aliases)
+        super().__init__(option_strings, dest, choices=choices, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        warn_deprecated(f"{option_string} is deprecated and will be removed in the next release; use {self.target}",
+                        where=parser.prog)
+        if self.nargs == 0:  # an old on-switch of a boolean option
+            values = True
+        elif isinstance(values, list):
+            values = [self.value_aliases.get(v, v) for v in values]
+        elif isinstance(values, str):
+            values = self.value_aliases.get(values, values)
+        setattr(namespace, self.dest, values)
+
+
+def add_config_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, names: Iterable[str], *,
+                       defaults: Mapping[str, Any] | None = None, helps: Mapping[str, str] | None = None,
+                       aliases: Mapping[str, str | Sequence[str]] | None = None,
+                       overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Add the options of :class:`TrainConfig` fields ``names`` to another tool's parser, with train's names,
+    help, choices and types, so that every tool speaks one option vocabulary.
+
+    ``defaults`` / ``helps`` replace a field's default / help for this tool (the help then names the default);
+    ``aliases`` maps a field to old option spellings, accepted with a deprecation warning (``--dtype``'s old
+    values through :data:`AMP_DTYPE_ALIASES`); ``overrides`` adds raw ``add_argument`` keywords (e.g. ``nargs``).
+    """
+    defaults, helps, aliases, overrides = defaults or {}, helps or {}, aliases or {}, overrides or {}
+    base = TrainConfig()
+    known = TrainConfig.fields()
+    for name in names:
+        if name not in known:
+            raise KeyError(f"add_config_options: {name!r} is not a TrainConfig field")
+        default = defaults.get(name, getattr(base, name))
+        kw = _option_kwargs(name, base)
+        if name in helps:
+            kw["help"] = helps[name] + (f" (default: {default!r})" if default not in (None, [], {}, "") else "")
+        elif name in defaults:
+            kw["help"] = known[name].metadata["help"] + (
+                f" (default: {default!r})" if default not in (None, [], {}, "") else "")
+        kw.update(overrides.get(name, {}))
+        option = TrainConfig.option(name)
+        parser.add_argument(option, default=default, **kw)
+        old = aliases.get(name, ())
+        for alias in [old] if isinstance(old, str) else old:
+            alias_kw = {k: v for k, v in kw.items() if k in ("type", "nargs", "choices", "metavar", "dest")}
+            if kw.get("action") is argparse.BooleanOptionalAction:
+                alias_kw["nargs"] = 0
+            parser.add_argument(alias, action=_DeprecatedAlias, target=option, help=argparse.SUPPRESS,
+                                value_aliases=AMP_DTYPE_ALIASES if name == "amp_dtype" else None, **alias_kw)
+
+
+def check_options(values: Mapping[str, Any]) -> None:
+    """Check option values by :meth:`TrainConfig.validate`'s rules (``ValueError`` naming the option);
+    ``None`` means "this tool's own default" and is not checked."""
+    TrainConfig().replace(**{k: v for k, v in values.items() if v is not None})

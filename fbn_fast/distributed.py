@@ -22,6 +22,7 @@ __all__ = [
     "DistEnv",
     "all_gather_objects",
     "all_reduce_max",
+    "all_reduce_mean",
     "barrier",
     "broadcast_object",
     "cleanup",
@@ -181,4 +182,12 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """In-place element-wise max over ranks (e.g. of stop / non-finite flags, so every rank decides alike)."""
     if _active():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """In-place element-wise mean over ranks (e.g. of loss sums for a log record)."""
+    if _active():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
     return t

@@ -22,7 +22,7 @@ import argparse
 import copy
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +32,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compound import FewShotCompoundHead, fit_few_shot
-from .evaluate import (
-    CompoundScorer,
-    _batches,
-    _load_manifest,
+from .config import check_options, renamed_keywords
+from .inference import (
+    add_compound_options,
+    add_inference_options,
+    as_manifest,
     autocast,
-    checkpoint_image_size,
-    finish_cli_result,
+    compound_scorer,
     iter_outputs,
-    load_checkpoint,
-    present_compounds,
+    load_trained,
+    open_loader,
+    resolve_amp_dtype,
     resolve_device,
-    resolve_dtype,
+    save_result,
 )
 from .labels import MISSING
 from .metrics import CompoundMeter
 
-__all__ = ["few_shot", "main", "split_support_query"]
+__all__ = ["build_parser", "few_shot", "format_report", "main", "split_support_query"]
 
 
 def split_support_query(compound: np.ndarray, shots: int, classes: Sequence[int], seed: int = 0
@@ -74,16 +75,31 @@ def split_support_query(compound: np.ndarray, shots: int, classes: Sequence[int]
     return support_rows, query_rows
 
 
-def _features(model: nn.Module, manifest: Any, root: Any, rows: np.ndarray, *, split: str, batch_size: int,
-              image_size: int, device: torch.device, dtype: torch.dtype, backend: str, num_workers: int | None,
-              grad: bool = False, batches: Any = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+class _Source:
+    """Batches of a sub-manifest: the evaluation pipeline, or a caller's ``batches(manifest)`` function."""
+
+    def __init__(self, root: Any, *, split: str, batch_size: int, image_size: int, device: torch.device,
+                 amp_dtype: torch.dtype | None, loader_backend: str, num_workers: int, batches: Any = None) -> None:
+        self.root, self.batches = root, batches
+        self.opts = dict(split=split, batch_size=batch_size, image_size=image_size, device=device,
+                         amp_dtype=amp_dtype, loader_backend=loader_backend, num_workers=num_workers)
+
+    def __call__(self, sub: Any) -> Iterator[Any]:
+        if self.batches is not None:
+            yield from self.batches(sub)
+            return
+        loader = open_loader(sub, self.root, **self.opts)
+        try:
+            yield from loader
+        finally:
+            loader.close()
+
+
+def _features(model: nn.Module, manifest: Any, rows: np.ndarray, source: _Source, device: torch.device,
+              amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """AU probabilities (N, K) and expression log-posteriors (N, C) of ``rows``, in the order of ``rows``."""
-    sub = manifest.select(rows)
     au, lp, idx = [], [], []
-    source = batches(sub) if batches is not None else _batches(
-        sub, root, split=split, datasets=None, batch_size=batch_size, image_size=image_size, device=device,
-        dtype=dtype, backend=backend, num_workers=num_workers)
-    for batch, z_e, z_a, _ in iter_outputs(model, source, device, dtype):
+    for batch, z_e, z_a, _ in iter_outputs(model, source(manifest.select(rows)), device, amp_dtype):
         au.append(torch.sigmoid(z_a))
         lp.append(torch.log_softmax(z_e, dim=1))
         idx.append(torch.as_tensor(batch["index"]).long().cpu())
@@ -91,21 +107,20 @@ def _features(model: nn.Module, manifest: Any, root: Any, rows: np.ndarray, *, s
     if sorted(order.tolist()) != list(range(len(rows))):
         raise ValueError(f"the data pipeline returned {len(order)} rows for {len(rows)} requested")
     inv = np.argsort(order)
-    return torch.cat(au)[inv], torch.cat(lp)[inv], rows
+    return torch.cat(au)[inv], torch.cat(lp)[inv]
 
 
-def _scores(logits: torch.Tensor, labels: torch.Tensor, num: int) -> dict[str, Any]:
-    meter = CompoundMeter(num)
+def _scores(logits: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) -> dict[str, Any]:
+    meter = CompoundMeter(len(names), names=names)
     meter.update(logits, labels)
     res = meter.compute()
     assert res is not None
-    return {k: res[k] for k in ("accuracy", "macro_f1", "uar", "per_class_recall", "confusion")}
+    return {k: res[k] for k in ("accuracy", "macro_f1", "uar", "classes", "per_class_recall", "confusion")}
 
 
-def _finetune_trunk(model: nn.Module, head: FewShotCompoundHead, sub: Any, root: Any, labels: torch.Tensor, *,
-                    split: str, epochs: int, lr: float, trunk_lr: float, batch_size: int, image_size: int,
-                    device: torch.device, dtype: torch.dtype, backend: str, num_workers: int | None,
-                    batches: Any = None) -> list[float]:
+def _finetune_trunk(model: nn.Module, head: FewShotCompoundHead, sub: Any, source: _Source, labels: torch.Tensor,
+                    *, epochs: int, lr: float, trunk_lr: float, device: torch.device,
+                    amp_dtype: torch.dtype | None) -> list[float]:
     """Fine-tune the network and the head together on the support images; returns the loss of every step."""
     params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": trunk_lr},
               {"params": list(head.parameters()), "lr": lr}]
@@ -114,12 +129,9 @@ def _finetune_trunk(model: nn.Module, head: FewShotCompoundHead, sub: Any, root:
     head.train()
     losses = []
     for _ in range(int(epochs)):
-        source = batches(sub) if batches is not None else _batches(
-            sub, root, split=split, datasets=None, batch_size=batch_size, image_size=image_size, device=device,
-            dtype=dtype, backend=backend, num_workers=num_workers)
-        for batch in source:
+        for batch in source(sub):
             idx = torch.as_tensor(batch["index"]).long().to(device)
-            with autocast(device, dtype):
+            with autocast(device, amp_dtype):
                 out = model(batch["image"].to(device, non_blocking=True))
             s = torch.sigmoid(out[1].float())
             lp = torch.log_softmax(out[0].float(), dim=1) if head.use_expressions else None
@@ -132,10 +144,11 @@ def _finetune_trunk(model: nn.Module, head: FewShotCompoundHead, sub: Any, root:
     return torch.stack(losses).tolist() if losses else []
 
 
+@renamed_keywords(root="data_root", dtype="amp_dtype", backend="loader_backend")
 def few_shot(
     model: nn.Module,
     manifest: Any,
-    root: str | os.PathLike,
+    data_root: str | os.PathLike,
     shots: int,
     *,
     split: str = "test",
@@ -152,10 +165,10 @@ def few_shot(
     compound_classes: str | Sequence[int] = "present",
     batch_size: int = 256,
     image_size: int = 64,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    backend: str = "auto",
-    num_workers: int | None = None,
+    device: str | torch.device | None = "auto",
+    amp_dtype: str | torch.dtype | None = "auto",
+    loader_backend: str = "auto",
+    num_workers: int = 2,
     batches: Any = None,
 ) -> dict[str, Any]:
     """Zero-shot vs few-shot compound scores on the query rows of ``split``; see the module docstring.
@@ -163,22 +176,15 @@ def few_shot(
     Returns a JSON-able dict: ``zero_shot`` and ``few_shot`` (accuracy, macro-F1, UAR, per-class recall,
     confusion over ``classes``), the support and query sizes and the fine-tuning losses. ``model`` is not
     modified (``--finetune-trunk`` trains a copy). ``batches``, a function of a manifest returning batch
-    dicts, replaces the data pipeline.
+    dicts, replaces the data pipeline. ``device``, ``amp_dtype``, ``loader_backend`` and ``num_workers`` take
+    the values of train's options of the same names.
     """
-    m = _load_manifest(manifest)
+    m = as_manifest(manifest)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    amp = resolve_amp_dtype(amp_dtype, dev)
     if split not in m.splits:
         raise ValueError(f"--split {split!r} is not among the manifest's splits {list(m.splits)}")
-    if compound_classes == "present":
-        classes = present_compounds(m)
-    elif compound_classes == "all":
-        classes = None
-    elif isinstance(compound_classes, str):
-        raise ValueError(f"--compound-classes must be 'present', 'all' or ids, got {compound_classes!r}")
-    else:
-        classes = list(compound_classes)
-    scorer = CompoundScorer(classes or None, beta=beta, temperature=temperature)
+    scorer = compound_scorer(compound_classes, m, beta=beta, temperature=temperature)
     in_split = np.flatnonzero(m.split_rows(split) & (m.compound != MISSING))
     if len(in_split) == 0:
         raise ValueError(f"manifest {m!s}: no compound-labelled rows in split {split!r}")
@@ -189,11 +195,11 @@ def few_shot(
     pos, _ = scorer.targets(torch.as_tensor(m.compound.astype(np.int64)))
     y_sup, y_qry = pos[support].to(dev), pos[query].to(dev)
 
-    opts = dict(split=split, batch_size=batch_size, image_size=image_size, device=dev, dtype=dt, backend=backend,
-                num_workers=num_workers, batches=batches)
+    source = _Source(data_root, split=split, batch_size=batch_size, image_size=image_size, device=dev,
+                     amp_dtype=amp, loader_backend=loader_backend, num_workers=num_workers, batches=batches)
     model = model.to(dev).eval()
-    s_sup, lp_sup, _ = _features(model, m, root, support, **opts)
-    s_qry, lp_qry, _ = _features(model, m, root, query, **opts)
+    s_sup, lp_sup = _features(model, m, support, source, dev, amp)
+    s_qry, lp_qry = _features(model, m, query, source, dev, amp)
 
     def make_head() -> FewShotCompoundHead:
         return FewShotCompoundHead(scorer.table, temperature=temperature, use_expressions=use_expressions or beta != 0,
@@ -202,7 +208,6 @@ def few_shot(
     def feats(s: torch.Tensor, lp: torch.Tensor) -> Any:
         return (s, lp) if (use_expressions or beta != 0) else s
 
-    j = len(scorer)
     zero = make_head()
     with torch.no_grad():
         zero_logits = zero(*([s_qry, lp_qry] if zero.use_expressions else [s_qry]))
@@ -214,23 +219,21 @@ def few_shot(
         "support": len(support),
         "query": len(query),
         "finetune_trunk": bool(finetune_trunk),
-        "zero_shot": _scores(zero_logits, y_qry, j),
+        "zero_shot": _scores(zero_logits, y_qry, scorer.names),
     }
     head = make_head()
     if finetune_trunk:
         net = copy.deepcopy(model)
         sub = m.select(support)
         labels_local = y_sup  # index i of the sub-manifest is support[i]
-        losses = _finetune_trunk(net, head, sub, root, labels_local, split=split, epochs=epochs, lr=lr,
-                                 trunk_lr=trunk_lr if trunk_lr is not None else lr / 10, batch_size=batch_size,
-                                 image_size=image_size, device=dev, dtype=dt, backend=backend,
-                                 num_workers=num_workers, batches=batches)
-        s_qry, lp_qry, _ = _features(net, m, root, query, **opts)
+        losses = _finetune_trunk(net, head, sub, source, labels_local, epochs=epochs, lr=lr,
+                                 trunk_lr=trunk_lr if trunk_lr is not None else lr / 10, device=dev, amp_dtype=amp)
+        s_qry, lp_qry = _features(net, m, query, source, dev, amp)
     else:
         losses = fit_few_shot(head, feats(s_sup, lp_sup), y_sup, steps=steps, lr=lr, weight_decay=weight_decay)
     with torch.no_grad():
         few_logits = head(*([s_qry, lp_qry] if head.use_expressions else [s_qry]))
-    result["few_shot"] = _scores(few_logits, y_qry, j)
+    result["few_shot"] = _scores(few_logits, y_qry, scorer.names)
     result["losses"] = {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
                         "steps": len(losses)}
     return result
@@ -248,7 +251,12 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: The options this command shares with ``python -m fbn_fast.train`` (same names, values and help).
+SHARED_OPTIONS = ("data_root", "batch_size", "image_size", "device", "amp_dtype", "loader_backend", "num_workers")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m fbn_fast.fewshot``."""
     p = argparse.ArgumentParser(
         prog="python -m fbn_fast.fewshot",
         description="Few-shot compound expressions (method.md §4): fine-tune the zero-shot-initialised compound "
@@ -258,7 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="a manifest with compound labels (.npz)")
     p.add_argument("--shots", type=int, required=True, help="labelled images per compound class (K)")
     p.add_argument("--finetune-trunk", action="store_true", help="fine-tune the whole network with the head")
-    p.add_argument("--root", default=None, help="image root (default: the manifest's folder)")
     p.add_argument("--split", default="test", help="split holding the compound-labelled images (default: test)")
     p.add_argument("--seed", type=int, default=0, help="seed of the support-set draw (default: 0)")
     p.add_argument("--steps", type=int, default=300, help="full-batch Adam steps for the head alone (default: 300)")
@@ -268,16 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0, help="head weight decay (default: 0)")
     p.add_argument("--use-expressions", action="store_true",
                    help="feed the expression log-posteriors to the head too (initialised at --beta)")
-    p.add_argument("--beta", type=float, default=0.0, help="β of the zero-shot initialisation (method.md §4)")
-    p.add_argument("--temperature", type=float, default=1.0, help="temperature T (default: 1)")
-    p.add_argument("--compound-classes", default="present",
-                   help="'present' (classes in the manifest, default), 'all', or comma-separated ids")
-    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
-    p.add_argument("--image-size", type=int, default=None, help="input size (default: the checkpoint's)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--dtype", default="auto", help="autocast dtype: float32, bfloat16, float16 or auto (default)")
-    p.add_argument("--backend", default="auto", help="data pipeline backend (default: auto)")
-    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: the pipeline's)")
+    add_compound_options(p)
+    add_inference_options(p, SHARED_OPTIONS)
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")
     return p
 
@@ -285,32 +284,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        for name in ("steps", "epochs", "batch_size"):
+        check_options({n: getattr(args, n) for n in SHARED_OPTIONS})
+        for name in ("steps", "epochs"):
             if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if not args.lr > 0:
             raise ValueError(f"--lr must be > 0, got {args.lr}")
-        cc: str | list[int] = args.compound_classes
-        if cc not in ("present", "all"):
-            try:
-                cc = [int(x) for x in cc.split(",") if x.strip()]
-            except ValueError:
-                raise ValueError(f"--compound-classes {args.compound_classes!r}: expected present, all or "
-                                 "comma-separated ids") from None
-        model, config, _ = load_checkpoint(args.checkpoint, args.device)
+        trained = load_trained(args.checkpoint, args.device)
         manifest = Path(args.manifest)
         result = few_shot(
-            model, manifest, args.root or manifest.parent, args.shots, split=args.split, seed=args.seed,
-            finetune_trunk=args.finetune_trunk, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-            epochs=args.epochs, trunk_lr=args.trunk_lr, use_expressions=args.use_expressions, beta=args.beta,
-            temperature=args.temperature, compound_classes=cc, batch_size=args.batch_size,
-            image_size=args.image_size or checkpoint_image_size(config), device=args.device, dtype=args.dtype,
-            backend=args.backend, num_workers=args.workers,
+            trained.model, manifest, args.data_root or manifest.parent, args.shots, split=args.split,
+            seed=args.seed, finetune_trunk=args.finetune_trunk, steps=args.steps, lr=args.lr,
+            weight_decay=args.weight_decay, epochs=args.epochs, trunk_lr=args.trunk_lr,
+            use_expressions=args.use_expressions, beta=args.beta, temperature=args.temperature,
+            compound_classes=args.compound_classes, batch_size=args.batch_size,
+            image_size=args.image_size or trained.image_size, device=trained.device, amp_dtype=args.amp_dtype,
+            loader_backend=args.loader_backend, num_workers=args.num_workers,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_report(finish_cli_result(result, args)))
+    result.update(checkpoint=str(args.checkpoint), manifest=str(args.manifest))
+    save_result(result, args.json)
+    print(format_report(result))
     return 0
 
 

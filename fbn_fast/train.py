@@ -25,20 +25,17 @@ saving a checkpoint; continue with ``--resume auto --name <run>`` or ``--resume 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import signal
-import sys
 import time
-import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
@@ -53,12 +50,31 @@ from .checkpoint import (
     prune_checkpoints,
     restore_rng,
     save_checkpoint,
-    unwrap_model,
 )
 from .config import TrainConfig, dump_toml, explicit_values
-from .labels import AUS, COMPOUNDS, EXPRESSIONS
+from .data.synthface import default_synth_dir
+from .evaluate import evaluate, format_report
+from .inference import HiddenTruth, image_dtype
+from .labels import AUS, EXPRESSIONS
 from .losses import TERMS, FaceBehaviorLoss, LossWeights
 from .model import FaceBehaviorNet, build_model
+from .optim import WarmupCosine, build_optimizer, resolve_amp
+from .progress import (
+    RunningWindow,
+    add_file_log,
+    configure_console_logging,
+    format_terms,
+    progress_bar,
+    remove_log_handler,
+)
+from .step import CudaProfileRange, Nvtx, TrainStep
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from .data.manifest import Manifest
+    from .data.pipeline import Loader
+    from .relatedness import Relatedness
 
 log = logging.getLogger("fbn_fast.train")
 
@@ -70,13 +86,11 @@ __all__ = [
     "WarmupCosine",
     "build_optimizer",
     "default_synth_dir",
-    "evaluate",
     "main",
     "resolve_amp",
 ]
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED = 0, 2, 3
-BATCH_LABELS = ("expr", "expr_mask", "au", "au_mask", "va", "va_mask")
 #: Settings of one invocation that a resumed run does not inherit from its checkpoint.
 PER_INVOCATION = ("resume", "max_steps_per_run", "cuda_profile_steps", "progress")
 
@@ -85,329 +99,18 @@ class NonFiniteLossError(RuntimeError):
     """Raised when ``--max-nonfinite`` consecutive steps had a non-finite loss or gradient."""
 
 
-# ---------------------------------------------------------------------------------------------------- helpers
-class _Nvtx:
-    """NVTX ranges when CUDA is in use (so an Nsight Systems timeline reads data/forward/loss/...); else free."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and torch.cuda.is_available()
-
-    @contextlib.contextmanager
-    def range(self, name: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-
-
-class WarmupCosine:
-    """Learning-rate factor: linear warm-up from ~0 to 1 over ``warmup`` steps, then cosine to ``min_ratio``.
-
-    A plain callable object, so ``LambdaLR.state_dict()`` stores its fields and a checkpoint restores it.
-    """
-
-    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float) -> None:
-        self.total = max(1, int(total_steps))
-        self.warmup = max(0, min(int(warmup_steps), self.total - 1))
-        self.min_ratio = float(min_ratio)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_amp(amp_dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (``None``: full precision). ``auto``: bf16 on GPUs that support it, else none."""
-    if amp_dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp_dtype]
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices and conv kernels only (not on biases or normalisation scales)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
-    """The configured optimizer and which implementation runs it.
-
-    AdamW / SGD use torch's fused kernels when this torch and device support them (capability detection: the
-    constructor is tried), else the multi-tensor ``foreach`` path; ``lamb`` is apex's ``FusedLAMB`` (CUDA only).
-    """
-    groups = _param_groups(model, cfg.weight_decay)
-    if cfg.opt == "lamb":
-        try:
-            from apex.optimizers import FusedLAMB
-        except ImportError:
-            raise ValueError("--opt lamb needs NVIDIA apex (apex.optimizers.FusedLAMB), which is not installed "
-                             "(apex is built from source, it is not on PyPI); use --opt adamw or sgd") from None
-        if device.type != "cuda":
-            raise ValueError(f"--opt lamb: apex's FusedLAMB runs on CUDA devices only, not {device}")
-        return FusedLAMB(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay), "apex FusedLAMB"
-    if cfg.opt == "adamw":
-        cls, kwargs = torch.optim.AdamW, {"lr": cfg.lr, "betas": tuple(cfg.betas)}
-    else:
-        cls, kwargs = torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": cfg.momentum > 0}
-    for impl in ("fused", "foreach"):
-        try:
-            return cls(groups, **kwargs, **{impl: True}), impl
-        except (RuntimeError, ValueError, TypeError):  # not supported for this torch / device / dtype
-            continue
-    return cls(groups, **kwargs), "for-loop"
-
-
-def default_synth_dir(cfg: TrainConfig) -> Path:
-    """Where the default job caches SynthFace: ``$FBN_FAST_DATA`` if set, else ``$XDG_CACHE_HOME/fbn_fast`` (or
-    ``~/.cache/fbn_fast``), in a folder named after size, image size and seed."""
-    if cfg.synth_dir:
-        return Path(cfg.synth_dir)
-    base = os.environ.get("FBN_FAST_DATA")
-    if base:
-        root = Path(base)
-    else:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = Path(cache) / "fbn_fast"
-    return root / f"synthface-{cfg.synth_size}-{cfg.synth_image_size}px-seed{cfg.synth_seed}"
-
-
-class _Progress:
-    """tqdm when installed; otherwise a one-line updater (``\\r`` on a terminal, a line per update elsewhere)."""
-
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar = None
-        self.tty = sys.stderr.isatty()
-        self.total = total
-        self.n = initial
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
-        except ImportError:
-            self.bar = None
-
-    def update(self, n: int, text: str) -> None:
-        self.n += n
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix_str(text, refresh=True)
-            return
-        line = f"step {self.n}/{self.total} ({100.0 * self.n / max(1, self.total):.0f}%) {text}"
-        if self.tty:
-            sys.stderr.write("\r" + line[:200].ljust(120))
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.tty:
-            sys.stderr.write("\n")
-
-
-def _fmt_terms(values: Mapping[str, float], keys=("total", "expr", "au", "va", "ca_ea", "ca_ae", "dm_ea",
-                                                   "dm_ae")) -> str:
-    return " ".join(f"{k}={values[k]:.3f}" for k in keys if k in values)
-
-
-# ---------------------------------------------------------------------------------------------------- one step
-class TrainStep:
-    """One optimisation step of FaceBehaviorNet, shared by the trainer and the benchmarks.
-
-    ``forward_backward(batch)`` runs the model under autocast, the objective, the backward pass and gradient
-    clipping, and returns ``(values, bad)``: the detached vector ``[total, *TERMS]`` and a 0-d bool tensor that is
-    true when the loss (or, without a gradient scaler, the gradient norm) is not finite. Nothing there waits for
-    the device. ``apply(skip)`` then steps the optimizer (unless ``skip``), the scaler and the schedule.
-    ``step(batch)`` does both with one host sync, for single-process use.
-
-    AMP: ``amp_dtype`` bf16 needs no scaler; fp16 uses a ``GradScaler`` (whose skipped overflow steps are its own
-    business, not counted as non-finite losses).
-    """
-
-    def __init__(self, net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
-                 *, device: torch.device, amp_dtype: torch.dtype | None = None, grad_clip: float = 0.0,
-                 nvtx: bool = False) -> None:
-        self.net, self.loss_fn, self.optimizer, self.scheduler = net, loss_fn, optimizer, scheduler
-        self.device, self.amp_dtype, self.grad_clip = device, amp_dtype, float(grad_clip)
-        self.nvtx = _Nvtx(nvtx and device.type == "cuda")
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def forward_backward(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        with self.nvtx.range("forward"), self._autocast():
-            out = self.net(batch["image"])
-        with self.nvtx.range("loss"):
-            res = self.loss_fn(out.expr, out.au, out.va, *(batch[k] for k in BATCH_LABELS))
-        with self.nvtx.range("backward"):
-            self.scaler.scale(res.total).backward()
-        bad = ~torch.isfinite(res.total.detach())
-        scaled = self.scaler.is_enabled()
-        if self.grad_clip > 0 or not scaled:
-            if scaled:
-                self.scaler.unscale_(self.optimizer)
-            if self.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-            else:
-                grads = [p.grad for p in self.params if p.grad is not None]
-                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            if not scaled:
-                bad = bad | ~torch.isfinite(norm)
-        values = torch.stack([res.total.detach().float(), *(res.terms[t].float() for t in TERMS)])
-        return values, bad
-
-    def apply(self, skip: bool) -> None:
-        with self.nvtx.range("optimizer"):
-            if not skip:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            elif self.scaler.is_enabled():
-                # Close the scaler's step (it may have unscaled already); non-finite gradients lower its scale.
-                if self.grad_clip == 0:
-                    self.scaler.unscale_(self.optimizer)
-                self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scheduler is None:
-                return
-            if not skip:
-                self.scheduler.step()
-                return
-            with warnings.catch_warnings():
-                # After a skipped first step torch warns that the scheduler moved before the optimizer: intended.
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-                self.scheduler.step()
-
-    def step(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, bool]:
-        """Forward, backward and update on one batch; returns ``(values, skipped)``."""
-        values, bad = self.forward_backward(batch)
-        skip = bool(bad)
-        self.apply(skip)
-        return values, skip
-
-
-# ---------------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader,
-    dataset_names: tuple[str, ...] | list[str],
-    *,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    compound_table=None,
-    truth_labels: Mapping[str, np.ndarray] | None = None,
-    distributed: bool = False,
-    nvtx: _Nvtx | None = None,
-) -> dict[str, Any]:
-    """Score ``model`` on every batch of ``loader`` with the per-dataset metrics of method.md §5.
-
-    Returns ``{"datasets": {name: {task: metrics}}}`` (each dataset scored only on the tasks it labels), plus
-    zero-shot compound metrics (:func:`fbn_fast.compound.zero_shot_logits` on the AU probabilities) for
-    datasets with compound labels. With ``truth_labels`` (manifest columns ``expr, au, au_mask, va, va_mask,
-    compound`` indexed by manifest row: e.g. SynthFace's ``manifest_full.npz``), also ``"truth"``: every task
-    scored on every image against the complete labels. Under DDP the statistics are summed across ranks.
-    """
-    from .compound import zero_shot_logits
-    from .metrics import MultiDatasetMetrics
-
-    nvtx = nvtx or _Nvtx(False)
-    was_training = model.training
-    model.eval()
-    names = tuple(dataset_names)
-    kw = dict(num_classes=unwrap_model(model).num_classes, num_aus=unwrap_model(model).num_aus,
-              num_compounds=len(COMPOUNDS), device=device)
-    metrics = MultiDatasetMetrics(names, **kw)
-    truth = MultiDatasetMetrics(names, **kw) if truth_labels is not None else None
-    if truth_labels is not None:
-        t_expr = torch.as_tensor(np.asarray(truth_labels["expr"], np.int64))
-        t_au = torch.as_tensor(np.asarray(truth_labels["au"], np.float32))
-        t_au_mask = torch.as_tensor(np.asarray(truth_labels["au_mask"], bool))
-        t_va = torch.as_tensor(np.asarray(truth_labels["va"], np.float32))
-        t_va_mask = torch.as_tensor(np.asarray(truth_labels["va_mask"], bool))
-        t_comp = torch.as_tensor(np.asarray(truth_labels["compound"], np.int64))
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
-    for batch in loader:
-        with nvtx.range("eval_forward"), autocast:
-            out = model(batch["image"])
-        z_e, z_a, v = out.expr.float(), out.au.float(), out.va.float()
-        s = torch.sigmoid(z_a)
-        z_c = zero_shot_logits(s, compound_table)
-        comp = batch["compound"]
-        metrics.update(batch["dataset"], expr_logits=z_e, expr=batch["expr"], expr_mask=batch["expr_mask"],
-                       au_probs=s, au=batch["au"], au_mask=batch["au_mask"], va_pred=v, va=batch["va"],
-                       va_mask=batch["va_mask"], compound_logits=z_c, compound=comp.clamp_min(0),
-                       compound_mask=comp >= 0)
-        if truth is not None:
-            idx = batch["index"].cpu()
-            te = t_expr[idx]
-            tc = t_comp[idx]
-            truth.update(batch["dataset"], expr_logits=z_e, expr=te.clamp_min(0).to(device),
-                         expr_mask=(te >= 0).to(device), au_probs=s, au=t_au[idx].to(device),
-                         au_mask=t_au_mask[idx].to(device), va_pred=v, va=t_va[idx].to(device),
-                         va_mask=t_va_mask[idx].to(device), compound_logits=z_c,
-                         compound=tc.clamp_min(0).to(device), compound_mask=(tc >= 0).to(device))
-    if distributed:
-        metrics.reduce_(torch.distributed.all_reduce)
-        if truth is not None:
-            truth.reduce_(torch.distributed.all_reduce)
-    model.train(was_training)
-    result: dict[str, Any] = {"datasets": metrics.compute()}
-    if truth is not None:
-        result["truth"] = truth.compute()
-    return result
-
-
-def summarize_eval(result: Mapping[str, Any]) -> list[str]:
-    """Human-readable lines: one per dataset with its headline metrics."""
-    lines = []
-    for section, title in (("datasets", "labelled tasks"), ("truth", "all tasks vs. complete labels")):
-        if section not in result:
-            continue
-        lines.append(f"evaluation ({title}):")
-        for name, tasks in result[section].items():
-            parts = []
-            if "expression" in tasks:
-                e = tasks["expression"]
-                parts.append(f"expr acc {e['accuracy']:.3f} F1 {e['macro_f1']:.3f}")
-            if "au" in tasks:
-                parts.append(f"AU mean F1 {tasks['au']['mean_f1']:.3f} ({tasks['au']['num_annotated_aus']} AUs)")
-            if "va" in tasks and tasks["va"].get("ccc_mean") is not None:
-                parts.append(f"VA CCC {tasks['va']['ccc_mean']:.3f}")
-            if "compound" in tasks:
-                c = tasks["compound"]
-                parts.append(f"zero-shot compound acc {c['accuracy']:.3f} UAR {c['uar']:.3f}")
-            lines.append(f"  {name:<16} " + ("; ".join(parts) if parts else "(no labelled task)"))
-    return lines
-
-
 # ---------------------------------------------------------------------------------------------------- trainer
 @dataclass
 class _Counters:
+    """Training counters that a checkpoint carries."""
+
     nonfinite_total: int = 0
     nonfinite_consecutive: int = 0
     images_seen: int = 0
-    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> _Counters:
+        return cls(**{f.name: int(saved.get(f.name, 0)) for f in fields(cls)})
 
 
 class Trainer:
@@ -416,28 +119,62 @@ class Trainer:
     Typical use is :func:`main`; programmatic use::
 
         trainer = Trainer(cfg, fdist.init_distributed(cfg.device))
-        status = trainer.run()        # "done", "paused", "interrupted:<signal>"
+        status = trainer.run()        # sets up first; "done", "paused", "interrupted:<signal>"
+
+    Every attribute is declared here; those built by :meth:`setup` are ``None`` until ``is_set_up``.
     """
 
     def __init__(self, cfg: TrainConfig, env: fdist.DistEnv, resume_from: Path | None = None,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, checkpoint: dict[str, Any] | None = None) -> None:
+        """``resume_from``: the checkpoint to continue from; ``checkpoint``: its contents when the caller has read
+        it already (:func:`main` does, for the run's settings), so that the file is read once."""
+        if checkpoint is not None and resume_from is None:
+            raise ValueError("Trainer: checkpoint= is the contents of resume_from=, which is missing")
+        # given
         self.cfg = cfg
         self.env = env
-        self.device = env.device
-        self.main_rank = env.is_main
+        self.device: torch.device = env.device
+        self.main_rank: bool = env.is_main
         self.resume_from = resume_from
-        self.run_dir = run_dir
-        self.nvtx = _Nvtx(cfg.nvtx and self.device.type == "cuda")
-        self.amp_dtype = resolve_amp(cfg.amp_dtype, self.device)
-        self.counters = _Counters()
+        self.run_dir: Path | None = run_dir
+        # policies that follow from the configuration
+        self.amp_dtype: torch.dtype | None = resolve_amp(cfg.amp_dtype, self.device)
+        self.nvtx = Nvtx(cfg.nvtx and self.device.type == "cuda")
+        self.cuda_profile = CudaProfileRange(cfg.profile_range(), self.device)
+        # where training stands (restored on resume)
         self.step = 0
+        self.total_steps = 0
+        self.counters = _Counters()
+        # built by setup()
+        self.is_set_up = False
+        self.manifest_path: Path | None = None
+        self.data_root: Path | None = None
+        self.manifest: Manifest | None = None
+        self.truth: HiddenTruth | None = None  # SynthFace's complete hidden labels, when the manifest has them
+        self.loader: Loader | None = None
+        self.relatedness: Relatedness | None = None
+        self.model: FaceBehaviorNet | None = None
+        self.net: nn.Module | None = None  # the model as stepped: DDP-wrapped and/or compiled
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_impl: str | None = None
+        self.schedule: WarmupCosine | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.loss_fn: FaceBehaviorLoss | None = None
+        self.loss_backend: str | None = None
+        self.stepper: TrainStep | None = None
+        # internal
+        self._resume_state: dict[str, Any] | None = checkpoint  # read once, dropped after the restore
+        self._pending_rng: dict[str, Any] | None = None  # this rank's RNG state, restored after the first batch
+        self._log_handler: logging.Handler | None = None
         self._stop_signal: int | None = None
         self._old_handlers: dict[int, Any] = {}
-        self._pending_rng: dict | None = None
-        self.loader = None
 
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self) -> None:
+        """Run folder, data, relatedness, model, optimizer and (when resuming) their saved state. Once only."""
+        if self.is_set_up:
+            return
         cfg = self.cfg
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
@@ -451,8 +188,9 @@ class Trainer:
         self._prepare_relatedness()
         self._prepare_model()
         if self.resume_from is not None:
-            self._restore(self.resume_from)
+            self._restore(self._checkpoint())
         self._write_run_files()
+        self.is_set_up = True
 
     def _seed(self, seed: int) -> None:
         import random
@@ -474,14 +212,8 @@ class Trainer:
             self.run_dir = Path(fdist.broadcast_object(str(run_dir)))
         if self.main_rank:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            self._setup_file_log()
+            self._log_handler = add_file_log(self.run_dir / "train.log")
         fdist.barrier()
-
-    def _setup_file_log(self) -> None:
-        handler = logging.FileHandler(self.run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("fbn_fast").addHandler(handler)
-        self._log_handler = handler
 
     def _prepare_data(self) -> None:
         from .data import load_manifest
@@ -519,19 +251,8 @@ class Trainer:
         if unknown:
             raise ValueError(f"--datasets: {unknown} are not in {manifest_path}, which has "
                              f"{list(self.manifest.datasets)}")
-        full = manifest_path.with_name("manifest_full.npz")
-        self.truth = None
-        if full.is_file() and manifest_path.name == "manifest.npz":
-            truth = load_manifest(full)
-            if len(truth) == len(self.manifest) and truth.datasets == self.manifest.datasets:
-                self.truth = truth
+        self.truth = HiddenTruth.beside(manifest_path, self.manifest)
         self.loader = self._build_train_loader()
-
-    def _image_dtype(self) -> torch.dtype:
-        # On a GPU the pipeline can hand over images already in the autocast dtype (halves the copy).
-        if self.device.type == "cuda" and self.amp_dtype is not None:
-            return self.amp_dtype
-        return torch.float32
 
     def _build_train_loader(self):
         from .data.pipeline import build_loader
@@ -544,7 +265,7 @@ class Trainer:
                 split="train", datasets=list(cfg.datasets) or None, ratios=ratios,
                 epoch_size=cfg.epoch_size or None, seed=cfg.seed, rank=self.env.rank,
                 world_size=self.env.world_size, backend=cfg.loader_backend, num_workers=cfg.num_workers,
-                device=self.device, dtype=self._image_dtype())
+                device=self.device, dtype=image_dtype(self.device, self.amp_dtype))
         except ValueError as exc:
             raise ValueError(f"training data ({self.manifest_path}): {exc}") from None
 
@@ -555,7 +276,8 @@ class Trainer:
         return build_loader(
             self.manifest, self.data_root, batch_size=cfg.eval_batch_size, image_size=cfg.image_size, train=False,
             split=cfg.eval_split, seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
-            backend=cfg.loader_backend, num_workers=cfg.num_workers, device=self.device, dtype=self._image_dtype())
+            backend=cfg.loader_backend, num_workers=cfg.num_workers, device=self.device,
+            dtype=image_dtype(self.device, self.amp_dtype))
 
     def _prepare_relatedness(self) -> None:
         from . import relatedness as rel_mod
@@ -586,7 +308,7 @@ class Trainer:
                             pretrained=cfg.pretrained_value(), channels_last=cfg.channels_last,
                             head_dropout=cfg.head_dropout, trunk_kwargs=cfg.trunk_kwargs)
         model.to(self.device)
-        self.model: FaceBehaviorNet = model
+        self.model = model
         # Every rank built the same initial model; from here on each draws its own random numbers (dropout).
         torch.manual_seed(cfg.seed + 1_000_003 * self.env.rank)
         self.optimizer, self.optimizer_impl = build_optimizer(cfg, model, self.device)
@@ -611,12 +333,12 @@ class Trainer:
         self.scaler = self.stepper.scaler
 
     def _checkpoint(self) -> dict[str, Any]:
-        if getattr(self, "_ckpt", None) is None:
-            self._ckpt = load_checkpoint(self.resume_from, map_location="cpu")
-        return self._ckpt
+        """The checkpoint being resumed, read from disk at most once."""
+        if self._resume_state is None:
+            self._resume_state = load_checkpoint(self.resume_from, map_location="cpu")
+        return self._resume_state
 
-    def _restore(self, path: Path) -> None:
-        ckpt = self._checkpoint()
+    def _restore(self, ckpt: Mapping[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -625,9 +347,7 @@ class Trainer:
         if ckpt.get("scaler") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
-        c = ckpt.get("counters", {})
-        self.counters = _Counters(int(c.get("nonfinite_total", 0)), int(c.get("nonfinite_consecutive", 0)),
-                                  int(c.get("images_seen", 0)))
+        self.counters = _Counters.from_dict(ckpt.get("counters", {}))
         same_world = int(ckpt.get("world_size", 1)) == self.env.world_size
         loaders, rngs = ckpt.get("loader") or [], ckpt.get("rng") or []
         if same_world and len(loaders) == self.env.world_size:
@@ -641,8 +361,8 @@ class Trainer:
             self._pending_rng = rngs[self.env.rank]
         if self.main_rank:
             self._truncate_metrics(self.step)
-        self._ckpt = None  # free the host copy
-        log.info("resumed from %s at step %d", path, self.step)
+        self._resume_state = None  # free the host copy
+        log.info("resumed from %s at step %d", self.resume_from, self.step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop log records newer than the checkpoint (written before a crash), so the log reads as one run."""
@@ -699,115 +419,114 @@ class Trainer:
             signal.signal(sig, handler)
         self._old_handlers.clear()
 
-    # ------------------------------------------------------------------------------------------------ the step
     # ------------------------------------------------------------------------------------------------ the loop
     def train(self) -> str:
-        """Train to the configured length; returns ``"done"``, ``"paused"`` or ``"interrupted:<SIG>"``."""
-        cfg = self.cfg
+        """Train to the configured length (setting up first if needed); returns ``"done"``, ``"paused"`` or
+        ``"interrupted:<SIG>"``."""
+        self.setup()
+        cfg, started, status = self.cfg, self.step, "done"
+        window = RunningWindow(1 + len(TERMS), self.device)
+        batches = self._batches()
         self.net.train()
-        prof = cfg.profile_range() if self.device.type == "cuda" else None
-        progress = _Progress(self.total_steps, self.step, cfg.progress and self.main_rank)
-        window_vals = torch.zeros(1 + len(TERMS), device=self.device, dtype=torch.float64)
-        window_ok = window_steps = 0
-        window_images = 0
-        window_data_s = 0.0
-        window_t0 = time.perf_counter()
-        started = self.step
-        status = "done"
-        it = iter(self.loader)
-        try:
-            while self.step < self.total_steps:
-                if prof and self.step == prof[0]:
-                    torch.cuda.profiler.start()
-                t_data = time.perf_counter()
-                with self.nvtx.range("data"):
-                    try:
-                        batch = next(it)
-                    except StopIteration:  # epoch boundary: the loader moves on to the next epoch itself
-                        it = iter(self.loader)
-                        batch = next(it)
-                window_data_s += time.perf_counter() - t_data
-                if self._pending_rng is not None:
-                    restore_rng(self._pending_rng)
-                    self._pending_rng = None
-                values, bad = self.stepper.forward_backward(batch)
-                flags = torch.stack([bad.float(), torch.tensor(float(self._stop_signal is not None),
-                                                               device=bad.device)])
-                fdist.all_reduce_max(flags)  # every rank takes the same decision
-                skip, stop = (f > 0 for f in flags.tolist())  # the one host sync of a step
-                self.stepper.apply(skip)
-                self.step += 1
-                n_img = batch["image"].shape[0] * self.env.world_size
-                self.counters.images_seen += n_img
-                window_images += n_img
-                window_steps += 1
-                if skip:
-                    self.counters.nonfinite_total += 1
-                    self.counters.nonfinite_consecutive += 1
-                    log.warning("step %d: non-finite loss or gradient (%s); update skipped (%d in a row, %d in all)",
-                                self.step, _fmt_terms(dict(zip(("total", *TERMS), values.tolist()))),
-                                self.counters.nonfinite_consecutive, self.counters.nonfinite_total)
-                else:
-                    self.counters.nonfinite_consecutive = 0
-                    window_vals += values.double()
-                    window_ok += 1
-                if prof and self.step == prof[1]:
-                    torch.cuda.profiler.stop()
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    self._log_window(progress, window_vals, window_ok, window_steps, window_images,
-                                     now - window_t0, window_data_s)
-                    window_vals.zero_()
-                    window_ok = window_steps = window_images = 0
-                    window_data_s, window_t0 = 0.0, now
-                if self.counters.nonfinite_consecutive >= cfg.max_nonfinite:
-                    self.save()
-                    raise NonFiniteLossError(
-                        f"stopped at step {self.step}: {self.counters.nonfinite_consecutive} consecutive steps had a "
-                        f"non-finite loss or gradient (--max-nonfinite {cfg.max_nonfinite}); the last good weights "
-                        f"are saved in {self.run_dir / 'checkpoints'}. Lower --lr, use --amp-dtype bf16/none, or "
-                        f"check the data")
-                if stop:
-                    status = f"interrupted:{signal.Signals(self._stop_signal or signal.SIGTERM).name}"
-                    break
-                if self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
-                    self.save()
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                    self.run_evaluation()
-                if cfg.max_steps_per_run and self.step - started >= cfg.max_steps_per_run \
-                        and self.step < self.total_steps:
-                    status = "paused"
-                    break
-        except Exception:
-            if self._stop_signal is None:
-                raise
-            # A signal also reaches the loader's worker processes; their exit is expected here.
-            log.warning("input pipeline stopped after the signal; saving the last completed step")
-            status = f"interrupted:{signal.Signals(self._stop_signal).name}"
-        finally:
-            progress.close()
+        with progress_bar(self.total_steps, self.step, enabled=cfg.progress and self.main_rank) as bar:
+            try:
+                while self.step < self.total_steps:
+                    self.cuda_profile.before_step(self.step)
+                    batch, data_s = next(batches)
+                    values, bad = self.stepper.forward_backward(batch)
+                    skip, stop = self._agree(bad)  # across ranks; the one host sync of a step
+                    self.stepper.apply(skip)
+                    self.step += 1
+                    self._count(values, skip, batch["image"].shape[0] * self.env.world_size, data_s, window)
+                    bar.update(1)
+                    self.cuda_profile.after_step(self.step)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        self._log_window(window, bar)
+                    if self.counters.nonfinite_consecutive >= cfg.max_nonfinite:
+                        self._stop_diverged()
+                    if stop:
+                        status = self._interrupted()
+                        break
+                    if self.step < self.total_steps:
+                        if self.step % cfg.ckpt_every == 0:
+                            self.save()
+                        if cfg.eval_every and self.step % cfg.eval_every == 0:
+                            self.run_evaluation()
+                        if cfg.max_steps_per_run and self.step - started >= cfg.max_steps_per_run:
+                            status = "paused"
+                            break
+            except Exception:
+                if self._stop_signal is None:
+                    raise
+                # A signal also reaches the loader's worker processes; their exit is expected here.
+                log.warning("input pipeline stopped after the signal; saving the last completed step")
+                status = self._interrupted()
         self.save()
         return status
 
-    def _log_window(self, progress: _Progress, vals: Tensor, ok: int, steps: int, images: int, seconds: float,
-                    data_seconds: float) -> None:
-        if self.env.distributed:  # report the mean over every rank's samples (one small collective per record)
-            vals = vals.clone()
-            torch.distributed.all_reduce(vals)
-            vals /= self.env.world_size
-        means = (vals / max(ok, 1)).tolist()
-        terms = dict(zip(("total", *TERMS), means))
-        ips = images / max(seconds, 1e-9)
+    def _batches(self) -> Iterator[tuple[Mapping[str, Tensor], float]]:
+        """Training batches across epochs, each with the seconds spent waiting for it."""
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            with self.nvtx.range("data"):
+                try:
+                    batch = next(it)
+                except StopIteration:  # epoch boundary: the loader moves on to the next epoch itself
+                    it = iter(self.loader)
+                    batch = next(it)
+            if self._pending_rng is not None:  # resuming: now that the iterator exists (see _restore)
+                restore_rng(self._pending_rng)
+                self._pending_rng = None
+            yield batch, time.perf_counter() - t0
+
+    def _agree(self, bad: Tensor) -> tuple[bool, bool]:
+        """``(skip, stop)``, the same on every rank: skip the update when any rank's loss or gradient was not
+        finite, stop when any rank received a signal. Reading the flags is the one host sync of a step."""
+        stopping = torch.tensor(float(self._stop_signal is not None), device=bad.device)
+        flags = fdist.all_reduce_max(torch.stack([bad.float(), stopping]))
+        skip, stop = (f > 0 for f in flags.tolist())
+        return skip, stop
+
+    def _count(self, values: Tensor, skip: bool, images: int, data_s: float, window: RunningWindow) -> None:
+        """The counters and the log window after a step; a skipped step is reported, and left out of the means."""
+        self.counters.images_seen += images
+        window.add(None if skip else values, images, data_s)
+        if not skip:
+            self.counters.nonfinite_consecutive = 0
+            return
+        self.counters.nonfinite_total += 1
+        self.counters.nonfinite_consecutive += 1
+        log.warning("step %d: non-finite loss or gradient (%s); update skipped (%d in a row, %d in all)",
+                    self.step, format_terms(dict(zip(("total", *TERMS), values.tolist()))),
+                    self.counters.nonfinite_consecutive, self.counters.nonfinite_total)
+
+    def _log_window(self, window: RunningWindow, bar: tqdm) -> None:
+        """A metrics.jsonl record of the steps since the last one, its loss means over every rank's samples."""
+        w = window.take(fdist.all_reduce_mean)  # under DDP one small collective per record
+        terms = dict(zip(("total", *TERMS), w.means)) if w.means is not None else None
+        lr = self.optimizer.param_groups[0]["lr"]
         rec = {
-            "kind": "train", "step": self.step, "epoch": self.loader.epoch, "time": time.time(),
-            "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": ips,
-            "data_wait_fraction": data_seconds / max(seconds, 1e-9), "steps": steps, "finite_steps": ok,
-            "nonfinite_total": self.counters.nonfinite_total, "loss": terms if ok else None,
+            "kind": "train", "step": self.step, "epoch": self.loader.epoch, "time": time.time(), "lr": lr,
+            "images_per_s": w.images_per_s, "data_wait_fraction": w.data_wait_fraction, "steps": w.steps,
+            "finite_steps": w.finite_steps, "nonfinite_total": self.counters.nonfinite_total, "loss": terms,
         }
         if self.main_rank:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        progress.update(steps, f"{ips:.0f} img/s lr={rec['lr']:.2e} " + (_fmt_terms(terms) if ok else "non-finite"))
+        bar.set_postfix_str(f"{w.images_per_s:.0f} img/s lr={lr:.2e} "
+                            + (format_terms(terms) if terms else "non-finite"), refresh=False)
+
+    def _stop_diverged(self) -> NoReturn:
+        self.save()
+        raise NonFiniteLossError(
+            f"stopped at step {self.step}: {self.counters.nonfinite_consecutive} consecutive steps had a "
+            f"non-finite loss or gradient (--max-nonfinite {self.cfg.max_nonfinite}); the last good weights "
+            f"are saved in {self.run_dir / 'checkpoints'}. Lower --lr, use --amp-dtype bf16/none, or check the data")
+
+    def _interrupted(self) -> str:
+        # A signal that reached another rank stops this one too: it is named SIGTERM here.
+        return f"interrupted:{signal.Signals(self._stop_signal or signal.SIGTERM).name}"
 
     # ------------------------------------------------------------------------------------------------ saving
     def save(self) -> Path | None:
@@ -821,9 +540,7 @@ class Trainer:
                 path, model=self.model, step=self.step, optimizer=self.optimizer, scheduler=self.scheduler,
                 scaler=self.scaler, loader_states=loader_states, rng_states=rng_states, config=self.cfg.to_dict(),
                 relatedness=self.relatedness.to_json(), world_size=self.env.world_size,
-                counters={"nonfinite_total": self.counters.nonfinite_total,
-                          "nonfinite_consecutive": self.counters.nonfinite_consecutive,
-                          "images_seen": self.counters.images_seen})
+                counters=asdict(self.counters))
             prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints, protect=(path,))
             log.info("checkpoint %s", path)
         fdist.barrier()
@@ -837,27 +554,21 @@ class Trainer:
             for b in self.model.buffers():
                 torch.distributed.broadcast(b, 0)
         loader = self._build_eval_loader()
-        truth = None
-        if self.truth is not None:
-            t = self.truth
-            truth = {"expr": t.expr, "au": t.au, "au_mask": t.au_mask, "va": t.va, "va_mask": t.va_mask,
-                     "compound": t.compound}
-        t0 = time.perf_counter()
         try:
-            result = evaluate(self.model, loader, self.manifest.datasets, device=self.device, amp_dtype=self.amp_dtype,
-                              truth_labels=truth, distributed=self.env.distributed, nvtx=self.nvtx)
+            result = evaluate(self.model, self.manifest, batches=loader, split=self.cfg.eval_split,
+                              device=self.device, amp_dtype=self.amp_dtype, truth=self.truth,
+                              train_manifest=self.manifest, train_datasets=self.cfg.datasets or None,
+                              distributed=self.env.distributed, nvtx="eval_forward" if self.nvtx.enabled else None)
         finally:
             loader.close()
         result["step"] = self.step
-        result["split"] = self.cfg.eval_split
-        result["seconds"] = time.perf_counter() - t0
         if self.main_rank:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"kind": "eval", "step": self.step, "time": time.time(), "results": result}) + "\n")
             tmp = self.run_dir / "eval.json.tmp"
             tmp.write_text(json.dumps(result, indent=1))
             os.replace(tmp, self.run_dir / "eval.json")
-            for line in summarize_eval(result):
+            for line in format_report(result).splitlines():
                 log.info(line)
         return result
 
@@ -877,7 +588,9 @@ class Trainer:
                       if any(r["loss"][k] > 0 for r in train)}
             written.append(plot_curves(series, out / "loss.png", title="training loss terms"))
         if result:
-            section = result.get("truth") or result["datasets"]
+            # Per dataset only: the pooled groups of the hidden-truth section would count images twice.
+            full = result.get("truth") or result["datasets"]
+            section = {k: v for k, v in full.items() if k in self.manifest.datasets}
             label = "all test images, complete labels" if "truth" in result else "labelled test sets"
             au = {name: tasks["au"]["per_au_f1"] for name, tasks in section.items() if "au" in tasks}
             if au:
@@ -891,8 +604,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ all of it
     def run(self) -> str:
         """Set up (unless done), train, evaluate, plot; returns the training status."""
-        if not hasattr(self, "model"):
-            self.setup()
+        self.setup()
         self._install_signals()
         t0 = time.perf_counter()
         try:
@@ -920,10 +632,9 @@ class Trainer:
         self.net = self.stepper = None
         if self.loader is not None:
             self.loader.close()
-        handler = getattr(self, "_log_handler", None)
-        if handler is not None:
-            logging.getLogger("fbn_fast").removeHandler(handler)
-            handler.close()
+        if self._log_handler is not None:
+            remove_log_handler(self._log_handler)
+            self._log_handler = None
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -953,44 +664,18 @@ def _resolve_resume(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
     raise ValueError(f"--resume: {cfg.resume!r} is neither 'auto', a run folder nor a checkpoint file")
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time (it may be redirected after set-up)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def _configure_logging(rank: int) -> None:
-    logger = logging.getLogger("fbn_fast")
-    if not any(getattr(h, "_fbn_console", False) for h in logger.handlers):
-        handler = _StderrHandler()
-        prefix = f"rank {rank} " if rank else ""
-        handler.setFormatter(logging.Formatter(f"[{prefix}%(levelname)s] %(message)s"))
-        handler._fbn_console = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    if rank != 0:  # other ranks only report problems
-        for h in logger.handlers:
-            h.setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fbn_fast.train`` / ``fbn-train``; returns the exit status (see module doc)."""
     values, control, parser = explicit_values(argv)
     recipe, print_config = control["config"], control["print_config"]
+    state = None
     try:
         cfg = TrainConfig.from_dict(values, where=str(recipe or "options"))
         ckpt, run_dir = _resolve_resume(cfg)
         if ckpt is not None:
             # Continue with the run's own settings; options given now (e.g. a longer --steps) override them.
-            saved = load_checkpoint(ckpt)["config"]
-            saved = {k: v for k, v in saved.items() if k in TrainConfig.fields() and k not in PER_INVOCATION}
+            state = load_checkpoint(ckpt)
+            saved = {k: v for k, v in state["config"].items() if k in TrainConfig.fields() and k not in PER_INVOCATION}
             cfg = TrainConfig.from_dict({**saved, **values}, where=f"{ckpt} + options")
     except ValueError as exc:
         parser.error(str(exc))
@@ -999,14 +684,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     rank = int(os.environ.get("RANK", "0") or 0)
-    _configure_logging(rank)
+    configure_console_logging(rank)
     try:
         env = fdist.init_distributed(cfg.device)
     except ValueError as exc:
         parser.error(str(exc))
     trainer = None
     try:
-        trainer = Trainer(cfg, env, resume_from=ckpt, run_dir=run_dir)
+        trainer = Trainer(cfg, env, resume_from=ckpt, run_dir=run_dir, checkpoint=state)
+        state = None  # the trainer holds it until restored, then frees it
         try:
             trainer.setup()
         except ValueError as exc:

@@ -28,8 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fbn_fast.config import add_config_options
 from fbn_fast.data import Manifest
 from fbn_fast.data.pipeline import build_loader, dali_available, torchvision_available
+from fbn_fast.inference import resolve_amp_dtype, resolve_device
 from fbn_fast.machine import cpu_model
 
 
@@ -108,26 +110,36 @@ def versions() -> dict:
 
 
 
-def main(argv: list[str] | None = None) -> None:
+#: Train's options this benchmark takes (same names and values), and their old spellings (deprecated).
+TRAIN_OPTIONS = ("device", "batch_size", "num_workers", "amp_dtype")
+OLD_SPELLINGS = {"batch_size": "--batch", "num_workers": "--workers", "amp_dtype": "--dtype"}
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
+    add_config_options(ap, TRAIN_OPTIONS, aliases=OLD_SPELLINGS,
+                       defaults={"device": "cpu", "batch_size": 256, "amp_dtype": "fp16"},
+                       helps={"amp_dtype": "dtype of the delivered images, as train's --amp-dtype (none: float32)"})
     ap.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
-    ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--batches", type=int, default=12, help="timed batches per measurement")
-    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--src", type=int, default=128, help="side of the generated JPEGs")
     ap.add_argument("--n", type=int, default=4096, help="images generated")
-    ap.add_argument("--paths", nargs="+", default=None, help="subset of cpu, dali, nvjpeg")
-    ap.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--paths", nargs="+", default=None, choices=["cpu", "dali", "nvjpeg"],
+                    help="loader backends to measure (default: every available one)")
     ap.add_argument("--data", type=Path, default=None, help="image folder (kept; default: a temporary one)")
     ap.add_argument("--out", type=Path, default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
-    need = (args.batches + 2) * args.batch  # two warm-up batches, then the timed ones, within one epoch
+    need = (args.batches + 2) * args.batch_size  # two warm-up batches, then the timed ones, within one epoch
     if args.n < need:
-        ap.error(f"--n {args.n}: fewer images than --batch {args.batch} x (--batches {args.batches} + 2 warm-up) = "
-                 f"{need}")
-    device = torch.device(args.device)
+        ap.error(f"--n {args.n}: fewer images than --batch-size {args.batch_size} x (--batches {args.batches} + 2 "
+                 f"warm-up) = {need}")
+    device = resolve_device(args.device)
     paths = ["cpu"]
     if dali_available():
         paths.append("dali")
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         paths.append("nvjpeg")
     if args.paths:
         paths = [p for p in paths if p in args.paths]
-    dtype = getattr(torch, args.dtype)
+    dtype = resolve_amp_dtype(args.amp_dtype, device) or torch.float32
     tmp = None
     if args.data is None:
         tmp = tempfile.TemporaryDirectory()
@@ -146,8 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         # the CPU path always decodes on the host; its batches are moved to the device like the others
         for size in args.sizes:
             for mode, train in (("decode", False), ("decode+augment", True)):
-                loader = build_loader(manifest, args.data, batch_size=args.batch, image_size=size, train=train,
-                                      backend=path, num_workers=args.workers, device=device, dtype=dtype,
+                loader = build_loader(manifest, args.data, batch_size=args.batch_size, image_size=size, train=train,
+                                      backend=path, num_workers=args.num_workers, device=device, dtype=dtype,
                                       drop_last=True)
                 batches = min(args.batches, len(loader) - 2)
                 load0 = os.getloadavg()[0]
@@ -156,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                 del loader
                 cores = os.cpu_count() or 1
                 row = {"path": path, "size": size, "mode": mode, "images_per_s": round(ips, 1), "images": n,
-                       "batch_size": args.batch, "workers": args.workers,
+                       "batch_size": args.batch_size, "workers": args.num_workers,
                        "cpu_us_per_image": round(cpu * 1e6, 1) if cpu else None,
                        # what the CPU time spent would give if the machine's cores did nothing else
                        "cpu_bound_images_per_s": round(cores / cpu, 1) if cpu else None,
@@ -171,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "versions": versions(),
-        "config": {"device": str(device), "dtype": args.dtype, "source_jpeg_px": args.src, "images": args.n,
-                   "batch_size": args.batch, "workers": args.workers},
+        "config": {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "source_jpeg_px": args.src,
+                   "images": args.n, "batch_size": args.batch_size, "workers": args.num_workers},
         "note": "images_per_s is wall clock and falls when other processes share the cores (each row records the "
                 "load average); cpu_bound_images_per_s divides the cores by the CPU seconds the loader's process tree "
                 "spent per image: what idle cores would sustain if the work scaled, an estimate, not a measurement",

@@ -30,6 +30,7 @@ import numpy as np
 import PIL
 from PIL import features
 
+from fbn_fast.config import add_config_options
 from fbn_fast.data.synthface import VERSION, generate, render, sample_expressions, sample_look
 from fbn_fast.data.synthface.dataset import encode_jpeg
 from fbn_fast.machine import cpu_model
@@ -86,16 +87,23 @@ def bench_size(size: int, n: int, repeats: int, workers: int) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--sizes", default="112,64")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="for the all-cores run")
+    # train's --num-workers (the old --workers still works, with a deprecation warning)
+    add_config_options(ap, ["num_workers"], aliases={"num_workers": "--workers"},
+                       defaults={"num_workers": os.cpu_count() or 1},
+                       helps={"num_workers": "workers of the all-cores run"})
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "synthface_cpu.json")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     load_before = os.getloadavg()
-    results = [bench_size(int(s), args.images, args.repeats, args.workers) for s in args.sizes.split(",")]
+    results = [bench_size(int(s), args.images, args.repeats, args.num_workers) for s in args.sizes.split(",")]
     result = {
         "benchmark": "synthface_generation",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

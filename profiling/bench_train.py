@@ -6,12 +6,12 @@
 * ``e2e``: JPEGs of SynthFace's training split through the input pipeline (decode, augment, normalise,
   channels-last) into the same step.
 
-Every combination of ``--amp`` and ``--channels-last`` is measured, and for each one the ratio e2e / trunk.
+Every combination of ``--amp-dtype`` and ``--channels-last`` is measured, and for each one the ratio e2e / trunk.
 Results go to ``profiling/results/bench_train-<device>-<date>.json`` with the machine, versions and settings.
 
     python profiling/bench_train.py                                    # CPU defaults: small trunk, 64 px
     python profiling/bench_train.py --device cuda --trunk resnet50 --image-size 112 --batch-size 256 \\
-        --amp bf16 --channels-last on --synth-size small --steps 50     # the GPU target configuration
+        --amp-dtype bf16 --channels-last on --synth-size small --steps 50     # the GPU target configuration
 """
 
 from __future__ import annotations
@@ -28,14 +28,21 @@ from pathlib import Path
 import torch
 
 from fbn_fast import relatedness
-from fbn_fast.config import TrainConfig
+from fbn_fast.config import TrainConfig, add_config_options
+from fbn_fast.inference import image_dtype, resolve_amp_dtype, resolve_device
 from fbn_fast.labels import NUM_AUS, NUM_EXPRESSIONS
 from fbn_fast.losses import FaceBehaviorLoss, resolve_backend
 from fbn_fast.model import build_model
-from fbn_fast.train import TrainStep, WarmupCosine, build_optimizer, default_synth_dir
+from fbn_fast.optim import WarmupCosine, build_optimizer
+from fbn_fast.step import TrainStep
 
 RESULTS = Path(__file__).resolve().parent / "results"
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+#: Train's options this benchmark takes (same names, values and help); ``--amp-dtype`` takes several values here.
+TRAIN_OPTIONS = ("device", "trunk", "trunk_kwargs", "image_size", "batch_size", "amp_dtype", "opt", "grad_clip",
+                 "loss_backend", "torchcompile", "synth_size", "synth_image_size", "synth_dir", "manifest",
+                 "num_workers", "loader_backend", "num_threads")
+#: Old spellings, accepted for one release with a deprecation warning.
+OLD_SPELLINGS = {"amp_dtype": "--amp", "torchcompile": "--compile"}
 
 
 def synthetic_batch(n: int, size: int, device: torch.device, dtype: torch.dtype, channels_last: bool,
@@ -58,13 +65,14 @@ def synthetic_batch(n: int, size: int, device: torch.device, dtype: torch.dtype,
 
 def make_step(args, device: torch.device, amp: str, channels_last: bool) -> TrainStep:
     torch.manual_seed(0)
-    model = build_model(args.trunk, channels_last=channels_last, trunk_kwargs=json.loads(args.trunk_kwargs)).to(device)
+    model = build_model(args.trunk, channels_last=channels_last, trunk_kwargs=args.trunk_kwargs).to(device)
     cfg = TrainConfig(opt=args.opt, lr=1e-3, trunk=args.trunk, grad_clip=args.grad_clip)
     opt, impl = build_optimizer(cfg, model, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(10**6, 10, 0.01))
-    net = torch.compile(model) if args.compile else model
+    net = torch.compile(model) if args.torchcompile else model
     loss = FaceBehaviorLoss(relatedness.prior(), backend=args.loss_backend).to(device)
-    step = TrainStep(net, loss, opt, sched, device=device, amp_dtype=AMP[amp], grad_clip=args.grad_clip)
+    step = TrainStep(net, loss, opt, sched, device=device, amp_dtype=resolve_amp_dtype(amp, device),
+                     grad_clip=args.grad_clip)
     step.optimizer_impl = impl
     return step
 
@@ -101,36 +109,27 @@ def _endless(loader):
         yield from loader
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--trunk", default="small")
-    p.add_argument("--trunk-kwargs", default="{}", help="JSON, e.g. '{\"width\": 32}'")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=64)
+    add_config_options(
+        p, TRAIN_OPTIONS, aliases=OLD_SPELLINGS,
+        defaults={"synth_size": "tiny", "amp_dtype": None},
+        helps={"amp_dtype": "autocast dtypes to measure, as train's --amp-dtype (default: none and bf16)",
+               "synth_size": "SynthFace preset or count for e2e",
+               "synth_image_size": "SynthFace rendering size (default: --image-size)",
+               "manifest": "use this manifest for e2e instead of SynthFace"},
+        overrides={"amp_dtype": {"nargs": "+"}})
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--amp", nargs="+", default=None, choices=sorted(AMP),
-                   help="autocast dtypes to measure (default: none and bf16)")
-    p.add_argument("--channels-last", nargs="+", default=["on", "off"], choices=["on", "off"])
+    p.add_argument("--channels-last", nargs="+", default=["on", "off"], choices=["on", "off"],
+                   help="memory formats to measure (default: on off)")
     p.add_argument("--modes", nargs="+", default=["trunk", "e2e"], choices=["trunk", "e2e"])
-    p.add_argument("--opt", default="adamw", choices=["adamw", "sgd", "lamb"])
-    p.add_argument("--grad-clip", type=float, default=5.0)
-    p.add_argument("--loss-backend", default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--synth-size", default="tiny", help="SynthFace preset or count for e2e")
-    p.add_argument("--synth-image-size", type=int, default=None, help="SynthFace rendering size (default: "
-                   "--image-size)")
-    p.add_argument("--synth-dir", default=None)
-    p.add_argument("--manifest", default=None, help="use this manifest for e2e instead of SynthFace")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--loader-backend", default="auto")
-    p.add_argument("--num-threads", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default: profiling/results/bench_train-...json)")
-    args = p.parse_args(argv)
+    return p
 
-    from fbn_fast.distributed import resolve_device
 
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amps = args.amp or ["none", "bf16"]
+    amps = args.amp_dtype or ["none", "bf16"]
 
     manifest = root = None
     if "e2e" in args.modes:
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.manifest:
             manifest_path = Path(args.manifest)
         else:
-            from fbn_fast.data.synthface import ensure_synthface
+            from fbn_fast.data.synthface import default_synth_dir, ensure_synthface
 
             px = args.synth_image_size or args.image_size
             cfg = TrainConfig(synth_size=args.synth_size, synth_image_size=px, synth_dir=args.synth_dir)
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         for cl in args.channels_last:
             channels_last = cl == "on"
             row = {"amp": amp, "channels_last": channels_last}
-            img_dtype = AMP[amp] if (device.type == "cuda" and AMP[amp] is not None) else torch.float32
+            img_dtype = image_dtype(device, resolve_amp_dtype(amp, device))
             for mode in args.modes:
                 step = make_step(args, device, amp, channels_last)
                 row["optimizer"] = step.optimizer_impl

@@ -7,7 +7,8 @@ tensors (``--data synthetic``, the trunk and objective alone) or on SynthFace JP
 (open it in https://ui.perfetto.dev or chrome://tracing) and a table of the most expensive operators.
 
     python profiling/torch_profile.py                                   # CPU, small trunk, 64 px
-    python profiling/torch_profile.py --device cuda --trunk resnet50 --image-size 112 --batch-size 256 --amp bf16
+    python profiling/torch_profile.py --device cuda --trunk resnet50 --image-size 112 --batch-size 256 \\
+        --amp-dtype bf16
 """
 
 from __future__ import annotations
@@ -22,43 +23,40 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import AMP, make_step, synthetic_batch  # noqa: E402
+from bench_train import make_step, synthetic_batch  # noqa: E402
 
-from fbn_fast.config import TrainConfig  # noqa: E402
-from fbn_fast.distributed import resolve_device  # noqa: E402
+from fbn_fast.config import TrainConfig, add_config_options  # noqa: E402
+from fbn_fast.inference import image_dtype, resolve_amp_dtype, resolve_device  # noqa: E402
 from fbn_fast.train import default_synth_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def main(argv: list[str] | None = None) -> int:
+#: Train's options this tool takes (same names, values and help), and their old spellings (deprecated).
+TRAIN_OPTIONS = ("device", "trunk", "trunk_kwargs", "image_size", "batch_size", "amp_dtype", "channels_last",
+                 "synth_size", "num_workers", "opt", "grad_clip", "loss_backend", "torchcompile")
+OLD_SPELLINGS = {"amp_dtype": "--amp", "torchcompile": "--compile"}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--trunk", default="small")
-    p.add_argument("--trunk-kwargs", default="{}")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--amp", default="none", choices=sorted(AMP))
-    p.add_argument("--no-channels-last", action="store_true")
+    add_config_options(p, TRAIN_OPTIONS, aliases=OLD_SPELLINGS, defaults={"synth_size": "tiny", "amp_dtype": "none"})
     p.add_argument("--data", default="synthetic", choices=["synthetic", "synthface"])
-    p.add_argument("--synth-size", default="tiny")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--opt", default="adamw", choices=["adamw", "sgd", "lamb"])
-    p.add_argument("--grad-clip", type=float, default=5.0)
-    p.add_argument("--loss-backend", default="auto")
-    p.add_argument("--compile", action="store_true")
     p.add_argument("--wait", type=int, default=1, help="steps before the profiler starts")
     p.add_argument("--warmup", type=int, default=3, help="profiled but discarded steps")
     p.add_argument("--active", type=int, default=3, help="recorded steps")
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
-    channels_last = not args.no_channels_last
+    channels_last = args.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    step = make_step(args, device, args.amp, channels_last)
-    img_dtype = AMP[args.amp] if (device.type == "cuda" and AMP[args.amp] is not None) else torch.float32
+    step = make_step(args, device, args.amp_dtype, channels_last)
+    img_dtype = image_dtype(device, resolve_amp_dtype(args.amp_dtype, device))
     if args.data == "synthetic":
         batch = synthetic_batch(args.batch_size, args.image_size, device, img_dtype, channels_last,
                                 torch.Generator().manual_seed(0))

@@ -97,19 +97,20 @@ def test_ddp_two_gloo_processes_train_identically_and_resume(synth, tmp_path):
     assert all(r["images_per_s"] > 0 for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                if r["kind"] == "train")
 
-    # stop after 4 steps, resume to 8: the same parameters as the uninterrupted run
+    # stop after 4 steps, resume to 8: the same parameters as the uninterrupted run. Exact: the same world size,
+    # batch, backend and thread count (OMP_NUM_THREADS=1) replay the same arithmetic (the promise of --resume).
     first = _torchrun(tmp_path, synth, "split", tmp_path / "split1", "--max-steps-per-run", "4", "--no-evaluate")
     assert [r["status"] for r in first] == ["paused", "paused"] and first[0]["step"] == 4
     second = _torchrun(tmp_path, synth, "split", tmp_path / "split2", "--resume", "auto", "--no-evaluate")
     assert [r["step"] for r in second] == [8, 8]
     for k, v in full[0]["params"].items():
-        torch.testing.assert_close(second[0]["params"][k], v, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(second[0]["params"][k], v, rtol=0, atol=0)
         torch.testing.assert_close(second[1]["params"][k], second[0]["params"][k], rtol=0, atol=0)
-    full_losses = [r["loss"]["total"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    full_losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                    if r["kind"] == "train"]
-    split_losses = [r["loss"]["total"] for r in map(json.loads, (tmp_path / "runs" / "split" / "metrics.jsonl")
-                                                    .read_text().splitlines()) if r["kind"] == "train"]
-    assert split_losses == pytest.approx(full_losses, rel=1e-6, abs=1e-7)
+    split_losses = [r["loss"] for r in map(json.loads, (tmp_path / "runs" / "split" / "metrics.jsonl")
+                                           .read_text().splitlines()) if r["kind"] == "train"]
+    assert len(split_losses) == 8 and split_losses == full_losses
 
 
 @pytest.mark.parametrize("backend", [None, "gloo"])

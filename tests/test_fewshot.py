@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_model import tiny_model
 
 from fbn_fast.checkpoint import save_checkpoint
 from fbn_fast.config import TrainConfig
 from fbn_fast.data import Manifest
 from fbn_fast.fewshot import few_shot, main, split_support_query
 from fbn_fast.labels import COMPOUNDS, MISSING
-from fbn_fast.model import build_model
 
 SIZE = 32
 CLASSES = (0, 2, 5)  # compound ids; each is drawn in its own colour
@@ -23,12 +23,7 @@ PER_CLASS = 12
 
 
 def _tiny_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model("small", trunk_kwargs={"width": 4})
-    with torch.no_grad():  # AU probabilities that differ with the image content
-        model.au_head.weight.normal_(0.0, 2.0)
-        model.expr_head.weight.normal_(0.0, 2.0)
-    return model.eval()
+    return tiny_model(seed, heads=("au_head", "expr_head"))  # AU probabilities that differ with the image content
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +72,7 @@ def test_head_fine_tuning_beats_zero_shot_through_the_cli(toy, tmp_path, capsys)
     save_checkpoint(ckpt, model=_tiny_model(), step=1, config=TrainConfig(image_size=SIZE).to_dict())
     out = tmp_path / "fewshot.json"
     assert main([str(ckpt), str(root / "manifest.npz"), "--shots", "4", "--steps", "300", "--lr", "0.05",
-                 "--json", str(out), "--device", "cpu", "--workers", "0", "--batch-size", "16"]) == 0
+                 "--json", str(out), "--device", "cpu", "--num-workers", "0", "--batch-size", "16"]) == 0
     assert "4-shot" in capsys.readouterr().out
     res = json.loads(out.read_text())
     assert res["classes"] == [COMPOUNDS[c] for c in CLASSES]
@@ -87,8 +82,9 @@ def test_head_fine_tuning_beats_zero_shot_through_the_cli(toy, tmp_path, capsys)
     assert f["accuracy"] > z["accuracy"] + 0.3
     assert res["losses"]["last"] < res["losses"]["first"] and res["losses"]["steps"] == 300
     assert np.sum(f["confusion"]) == res["query"]
+    assert z["classes"] == f["classes"] == res["classes"]  # the per-class recall and confusion name their classes
     # a class with too few images is named
-    assert main([str(ckpt), str(root / "manifest.npz"), "--shots", "13", "--device", "cpu", "--workers", "0"]) == 2
+    assert main([str(ckpt), str(root / "manifest.npz"), "--shots", "13", "--device", "cpu", "--num-workers", "0"]) == 2
     assert "fewer than --shots 13" in capsys.readouterr().err
 
 

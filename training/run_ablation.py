@@ -362,9 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, extra = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     from fbn_fast.checkpoint import checkpoint_path, load_model
-    from fbn_fast.data.synthface import ensure_synthface
+    from fbn_fast.data.synthface import default_synth_dir, ensure_synthface
     from fbn_fast.evaluate import evaluate, format_report, unlabelled_aus
-    from fbn_fast.train import default_synth_dir
 
     try:
         names = [v for v in args.variants.split(",") if v]

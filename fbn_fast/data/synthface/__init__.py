@@ -54,7 +54,16 @@ Determinism
     Labels of a (dataset, split) block come from one stream seeded by (seed, dataset, split); the look of
     image ``i`` from a stream seeded by (seed, i). The bytes of every file are therefore a function of the
     parameters alone, whatever the number of workers.
+
+Cache
+    :func:`default_synth_dir` is where the trainer and the benchmarks keep a generated SynthFace.
 """
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .dataset import (
     DATASETS,
@@ -79,6 +88,9 @@ from .sampling import (
 )
 from .sheet import contact_sheet
 
+if TYPE_CHECKING:
+    from ...config import TrainConfig
+
 __all__ = [
     "AU_DESCRIPTIONS",
     "AU_THRESHOLD",
@@ -94,6 +106,7 @@ __all__ = [
     "au_regions",
     "cli",
     "contact_sheet",
+    "default_synth_dir",
     "ensure_synthface",
     "generate",
     "parse_size",
@@ -105,3 +118,17 @@ __all__ = [
     "sample_expressions",
     "sample_look",
 ]
+
+
+def default_synth_dir(cfg: TrainConfig) -> Path:
+    """Where a run's SynthFace is cached: ``--synth-dir`` if given, else ``$FBN_FAST_DATA`` if set, else
+    ``$XDG_CACHE_HOME/fbn_fast`` (or ``~/.cache/fbn_fast``), in a folder named after size, image size and seed."""
+    if cfg.synth_dir:
+        return Path(cfg.synth_dir)
+    base = os.environ.get("FBN_FAST_DATA")
+    if base:
+        root = Path(base)
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = Path(cache) / "fbn_fast"
+    return root / f"synthface-{cfg.synth_size}-{cfg.synth_image_size}px-seed{cfg.synth_seed}"
