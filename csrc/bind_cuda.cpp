@@ -16,14 +16,14 @@ void check(int code, const char* err) {
     if (code != 0) throw std::runtime_error(std::string("fbn_fast CUDA objective: ") + err);
 }
 
-int max_blocks(int dtype, bool face, int block, long long smem, int device) {
+int max_blocks(int dtype, bool face, bool cooperative, int block, long long smem, int device) {
     char err[512] = {0};
     int out = 0;
-    check(fbn::cuda_max_blocks(dtype, face, block, smem, device, &out, err, sizeof(err)), err);
+    check(fbn::cuda_max_blocks(dtype, face, cooperative, block, smem, device, &out, err, sizeof(err)), err);
     return out;
 }
 
-void launch(int dtype, bool face, int device, std::uintptr_t stream, long long grid, long long block, long long smem,
+void launch(int dtype, bool face, bool cooperative, int device, std::uintptr_t stream, long long grid, long long block, long long smem,
             py::sequence ptrs, long long work_bytes, long long B, int C, int K, bool has_mu, bool use_smem,
             py::sequence weights, double inv_temperature, double eps) {
     if (py::len(ptrs) != 17) throw std::invalid_argument("launch: ptrs must hold 17 addresses");
@@ -31,6 +31,7 @@ void launch(int dtype, bool face, int device, std::uintptr_t stream, long long g
     fbn::CudaLaunch a{};
     a.dtype = dtype;
     a.face = face;
+    a.cooperative = cooperative;
     a.device = device;
     a.stream = reinterpret_cast<void*>(stream);
     a.grid = grid;
@@ -58,11 +59,14 @@ void launch(int dtype, bool face, int device, std::uintptr_t stream, long long g
 }  // namespace
 
 PYBIND11_MODULE(_native_cuda, m) {
-    m.doc() = "The fused FaceBehaviorNet objective on CUDA: one cooperative launch for terms and gradients.";
+    m.doc() = "The fused FaceBehaviorNet objective on CUDA: terms and gradients in one pass over the rows.";
     m.def("max_blocks", &max_blocks, "Blocks that can be resident at once (the cooperative launch limit).",
-          py::arg("dtype"), py::arg("face"), py::arg("block"), py::arg("smem"), py::arg("device"));
-    m.def("launch", &launch, "Enqueues the objective kernel on `stream` (a cudaStream_t as an integer).",
-          py::arg("dtype"), py::arg("face"), py::arg("device"), py::arg("stream"), py::arg("grid"), py::arg("block"),
+          py::arg("dtype"), py::arg("face"), py::arg("cooperative"), py::arg("block"), py::arg("smem"),
+          py::arg("device"));
+    m.def("launch", &launch,
+          "Enqueues the objective on `stream` (a cudaStream_t as an integer): one cooperative launch, or the two "
+          "launches of the split plan.",
+          py::arg("dtype"), py::arg("face"), py::arg("cooperative"), py::arg("device"), py::arg("stream"), py::arg("grid"), py::arg("block"),
           py::arg("smem"), py::arg("ptrs"), py::arg("work_bytes"), py::arg("B"), py::arg("C"), py::arg("K"),
           py::arg("has_mu"), py::arg("use_smem"), py::arg("weights"), py::arg("inv_temperature"), py::arg("eps"));
 }

@@ -1,13 +1,18 @@
-// The fused objective on CUDA: one cooperative launch computes every term and every gradient.
+// The fused objective on CUDA: every term and every gradient in one pass over the rows.
 //
 // Phases of the kernel (grid-stride over rows, one row per thread at a time):
 //   0. tables of the relatedness matrix into the workspace;
-//   1. label counts and VA moments, reduced per block;           grid.sync()
+//   1. label counts and VA moments, reduced per block;           [barrier]
 //   every block reduces the per-block sums (same order everywhere) and forms the batch scales;
-//   2. per-row terms and gradients (objective_math.h), term sums reduced per block;   grid.sync()
-//   block 0 reduces the term sums and writes the nine terms.
-// All reductions run in a fixed order, so a launch with the same grid gives the same bits. The launch is
-// cooperative (all blocks resident), which grid.sync() needs; no host synchronisation anywhere.
+//   2. per-row terms and gradients (objective_math.h), term sums reduced per block;   [barrier]
+//   one block reduces the term sums and writes the nine terms.
+// Two launch modes (argument `phase`):
+//   PHASE_ALL (grid barrier, opt-in): one cooperative launch, the barriers are grid.sync();
+//   PHASE_STATS then PHASE_ROWS (split plan, the default): two ordinary launches on one stream, so the first
+//     barrier is the launch boundary; the last block of the second launch to take a ticket (an atomic counter
+//     that the first launch zeroes) does the final reduction. Nothing ever waits on another block.
+// All reductions run in a fixed order, so launches with the same grid give the same bits in both modes; no
+// host synchronisation anywhere.
 //
 // This file compiles with nvcc (the built extension, with the host launcher at the bottom) and with NVRTC
 // (cupy, at run time: everything under !__CUDACC_RTC__ is left out and the header is pasted in).
@@ -145,9 +150,12 @@ __device__ void grid_sum(const double* part, int nblocks, double* out) {
     block_sum<N>(v, out);
 }
 
-// Workspace layout: tables (16-byte aligned), per-block sums of both passes, then (generic shapes only)
-// the row scratch. native.py allocates the same size (_workspace_bytes).
+// Workspace layout: tables (16-byte aligned), per-block sums of both passes, the ticket of the split plan
+// (TICKET_BYTES), then (generic shapes only) the row scratch. fbn_fast/losses/cuda.py allocates the same
+// size (_workspace_bytes; a test ties the two).
 __host__ __device__ inline long long align16(long long n) { return (n + 15) / 16 * 16; }
+constexpr long long TICKET_BYTES = 16;
+enum Phase { PHASE_ALL = 0, PHASE_STATS = 1, PHASE_ROWS = 2 };
 
 template <class TIn, class T, int CC, int KK>
 __global__ void __launch_bounds__(256) objective_kernel(
@@ -158,7 +166,7 @@ __global__ void __launch_bounds__(256) objective_kernel(
     TIn* __restrict__ gze,
     TIn* __restrict__ gza, TIn* __restrict__ gv, unsigned char* __restrict__ work, long long work_bytes,
     long long B, int C_rt, int K_rt, int has_mu, int use_smem, double w0, double w1, double w2, double w3,
-    double w4, double w5, double inv_t, double eps) {
+    double w4, double w5, double inv_t, double eps, int phase) {
     namespace cg = cooperative_groups;
     cg::grid_group grid = cg::this_grid();
     extern __shared__ __align__(16) unsigned char smem_tab[];
@@ -175,7 +183,8 @@ __global__ void __launch_bounds__(256) objective_kernel(
     T* gtab = reinterpret_cast<T*>(work);
     double* part1 = reinterpret_cast<double*>(work + align16(tab_size(C, K) * sizeof(T)));
     double* part2 = part1 + static_cast<long long>(gridDim.x) * NSUM1;
-    T* scr = reinterpret_cast<T*>(part2 + static_cast<long long>(gridDim.x) * NSUM2);
+    unsigned int* ticket = reinterpret_cast<unsigned int*>(part2 + static_cast<long long>(gridDim.x) * NSUM2);
+    T* scr = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(ticket) + TICKET_BYTES);
     const long long scratch = (CC > 0 && KK > 0) ? 0 : nthreads * (6LL * C + 2LL * K) * sizeof(T);
     const long long need = reinterpret_cast<unsigned char*>(scr) - work + scratch;
     if (need > work_bytes) {  // a caller bug; every thread sees the same sizes, so nobody waits at a sync
@@ -184,19 +193,20 @@ __global__ void __launch_bounds__(256) objective_kernel(
         return;
     }
 
-    // 0. Tables.
-    for (long long i = gtid; i < static_cast<long long>(C) * K; i += nthreads)
-        table_entry<T>(rel[i], T(eps), gtab, i, C, K);
-    for (long long c = gtid; c < C; c += nthreads) {
-        T sl = T(0);
-        for (int k = 0; k < K; ++k) sl += vlog1p(-clip_r(rel[c * K + k], T(eps)));
-        gtab[tab_sl1m(C, K) + c] = sl;
-        gtab[tab_mu(C, K) + 2 * c] = has_mu ? mu[2 * c] : T(0);
-        gtab[tab_mu(C, K) + 2 * c + 1] = has_mu ? mu[2 * c + 1] : T(0);
-    }
+    if (phase != PHASE_ROWS) {
+        if (gtid == 0) *ticket = 0u;  // read by the next launch of the split plan only
+        // 0. Tables.
+        for (long long i = gtid; i < static_cast<long long>(C) * K; i += nthreads)
+            table_entry<T>(rel[i], T(eps), gtab, i, C, K);
+        for (long long c = gtid; c < C; c += nthreads) {
+            T sl = T(0);
+            for (int k = 0; k < K; ++k) sl += vlog1p(-clip_r(rel[c * K + k], T(eps)));
+            gtab[tab_sl1m(C, K) + c] = sl;
+            gtab[tab_mu(C, K) + 2 * c] = has_mu ? mu[2 * c] : T(0);
+            gtab[tab_mu(C, K) + 2 * c + 1] = has_mu ? mu[2 * c + 1] : T(0);
+        }
 
-    // 1. Counts and VA moments.
-    {
+        // 1. Counts and VA moments.
         double s[NSUM1];
         for (int i = 0; i < NSUM1; ++i) s[i] = 0.0;
         for (long long b = gtid; b < B; b += nthreads) {
@@ -208,7 +218,8 @@ __global__ void __launch_bounds__(256) objective_kernel(
         }
         block_sum<NSUM1>(s, part1 + static_cast<long long>(blockIdx.x) * NSUM1);
     }
-    grid.sync();
+    if (phase == PHASE_STATS) return;  // the launch boundary is the barrier
+    if (phase == PHASE_ALL) grid.sync();
     grid_sum<NSUM1>(part1, gridDim.x, tot1);
     if (threadIdx.x == 0) scales = make_scales<T>(tot1, w, B, K, inv_t, has_mu != 0);
     const T* tab = gtab;
@@ -257,8 +268,19 @@ __global__ void __launch_bounds__(256) objective_kernel(
         }
         block_sum<NSUM2>(s, part2 + static_cast<long long>(blockIdx.x) * NSUM2);
     }
-    grid.sync();
-    if (blockIdx.x == 0) {
+    __shared__ bool last;
+    if (phase == PHASE_ALL) {
+        grid.sync();
+        last = blockIdx.x == 0;  // every thread writes the same value
+    } else if (threadIdx.x == 0) {
+        // Thread 0 wrote this block's sums (block_sum); publish them, then take a ticket: the last block to
+        // arrive reduces them all (it never waits for the others, which have finished their sums).
+        __threadfence();
+        last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (last) {
+        __threadfence();
         grid_sum<NSUM2>(part2, gridDim.x, tot2);
         if (threadIdx.x == 0) {
             finalize_terms<T>(tot1, tot2, w, B, K, has_mu != 0, terms);
@@ -305,17 +327,40 @@ int fail(cudaError_t e, const char* what, char* err, int errlen) {
     return static_cast<int>(e);
 }
 
+// Makes `device` current for the guard's lifetime and then restores the caller's current device.
+class DeviceGuard {
+  public:
+    cudaError_t set(int device) {
+        cudaError_t e = cudaGetDevice(&prev_);
+        if (e != cudaSuccess || prev_ == device) return e;
+        e = cudaSetDevice(device);
+        changed_ = e == cudaSuccess;
+        return e;
+    }
+    ~DeviceGuard() {
+        if (changed_) cudaSetDevice(prev_);
+    }
+
+  private:
+    int prev_ = -1;
+    bool changed_ = false;
+};
+
 }  // namespace
 
-int cuda_max_blocks(int dtype, bool face, int block, long long smem, int device, int* out, char* err, int errlen) {
+int cuda_max_blocks(int dtype, bool face, bool cooperative, int block, long long smem, int device, int* out, char* err,
+                    int errlen) {
     const void* fn = kernel_for(dtype, face);
     if (!fn) return fail(cudaErrorInvalidValue, "unknown dtype code", err, errlen);
-    cudaError_t e = cudaSetDevice(device);
+    DeviceGuard guard;
+    cudaError_t e = guard.set(device);
     if (e != cudaSuccess) return fail(e, "cudaSetDevice", err, errlen);
     int sms = 0, per_sm = 0, coop = 0;
-    if ((e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device)) != cudaSuccess)
-        return fail(e, "cudaDeviceGetAttribute", err, errlen);
-    if (!coop) return fail(cudaErrorNotSupported, "device lacks cooperative launch", err, errlen);
+    if (cooperative) {
+        if ((e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device)) != cudaSuccess)
+            return fail(e, "cudaDeviceGetAttribute", err, errlen);
+        if (!coop) return fail(cudaErrorNotSupported, "device lacks cooperative launch", err, errlen);
+    }
     if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
         return fail(e, "cudaDeviceGetAttribute", err, errlen);
     if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, block, static_cast<size_t>(smem))) !=
@@ -328,21 +373,32 @@ int cuda_max_blocks(int dtype, bool face, int block, long long smem, int device,
 int cuda_launch(const CudaLaunch& a, char* err, int errlen) {
     const void* fn = kernel_for(a.dtype, a.face);
     if (!fn) return fail(cudaErrorInvalidValue, "unknown dtype code", err, errlen);
-    cudaError_t e = cudaSetDevice(a.device);
+    DeviceGuard guard;
+    cudaError_t e = guard.set(a.device);
     if (e != cudaSuccess) return fail(e, "cudaSetDevice", err, errlen);
     // Argument addresses in the kernel's parameter order; the pointer types share one representation.
     long long work_bytes = a.work_bytes, B = a.B;
-    int C = a.C, K = a.K, has_mu = a.has_mu, use_smem = a.use_smem;
+    int C = a.C, K = a.K, has_mu = a.has_mu, use_smem = a.use_smem, phase = PHASE_ALL;
     double w0 = a.weights[0], w1 = a.weights[1], w2 = a.weights[2], w3 = a.weights[3], w4 = a.weights[4],
            w5 = a.weights[5], inv_t = a.inv_temperature, eps = a.eps;
     void* p[17];
     for (int i = 0; i < 17; ++i) p[i] = a.ptrs[i];
     void* args[] = {&p[0],  &p[1],  &p[2],  &p[3],  &p[4],  &p[5],  &p[6],  &p[7],      &p[8], &p[9],
                     &p[10], &p[11], &p[12], &p[13], &p[14], &p[15], &p[16], &work_bytes, &B,   &C,
-                    &K,     &has_mu, &use_smem, &w0, &w1, &w2, &w3, &w4, &w5, &inv_t, &eps};
-    e = cudaLaunchCooperativeKernel(fn, dim3(static_cast<unsigned>(a.grid)), dim3(static_cast<unsigned>(a.block)),
-                                    args, static_cast<size_t>(a.smem), static_cast<cudaStream_t>(a.stream));
-    if (e != cudaSuccess) return fail(e, "cudaLaunchCooperativeKernel", err, errlen);
+                    &K,     &has_mu, &use_smem, &w0, &w1, &w2, &w3, &w4, &w5, &inv_t, &eps, &phase};
+    const dim3 grid(static_cast<unsigned>(a.grid)), block(static_cast<unsigned>(a.block));
+    const size_t smem = static_cast<size_t>(a.smem);
+    cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+    if (a.cooperative) {
+        e = cudaLaunchCooperativeKernel(fn, grid, block, args, smem, stream);
+        if (e != cudaSuccess) return fail(e, "cudaLaunchCooperativeKernel", err, errlen);
+        return 0;
+    }
+    for (int ph : {PHASE_STATS, PHASE_ROWS}) {  // the split plan: two ordinary launches on one stream
+        phase = ph;
+        e = cudaLaunchKernel(fn, grid, block, args, smem, stream);
+        if (e != cudaSuccess) return fail(e, "cudaLaunchKernel", err, errlen);
+    }
     return 0;
 }
 

@@ -9,7 +9,8 @@ enum CudaDtype { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
 struct CudaLaunch {
     int dtype;
-    bool face;  // the kernel specialised for C = 7, K = 17 (else any C, K)
+    bool face;         // the kernel specialised for C = 7, K = 17 (else any C, K)
+    bool cooperative;  // one cooperative launch with grid.sync() (else the split plan: two launches)
     int device;
     void* stream;
     long long grid, block, smem;
@@ -22,9 +23,12 @@ struct CudaLaunch {
     double inv_temperature, eps;
 };
 
-// Blocks of `block` threads that fit on the device at once (the cooperative launch limit).
-int cuda_max_blocks(int dtype, bool face, int block, long long smem, int device, int* out, char* err, int errlen);
-// Enqueues the kernel on a.stream; returns 0 or a CUDA error code with a message in err.
+// Blocks of `block` threads that fit on the device at once (the cooperative launch limit); `cooperative`
+// also requires the device to support cooperative launches. The caller's current device is kept.
+int cuda_max_blocks(int dtype, bool face, bool cooperative, int block, long long smem, int device, int* out,
+                    char* err, int errlen);
+// Enqueues the kernel (one launch, or the two of the split plan) on a.stream on device a.device, keeping the
+// caller's current device; returns 0 or a CUDA error code with a message in err.
 int cuda_launch(const CudaLaunch& a, char* err, int errlen);
 
 }  // namespace fbn

@@ -30,11 +30,17 @@ def _where(name: str, idx: tuple[int, ...], value: Any) -> str:
     return f"{name}: row {row}{col} has value {value!r}"
 
 
+def check_shape(name: str, shape: tuple[int, ...], expected: tuple[int | None, ...], source: str = "") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``shape`` matches ``expected`` (``None``: any size);
+    ``source`` says where the expected sizes come from (e.g. ``"from z_e and z_a"``)."""
+    shape = tuple(shape)
+    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+        want = str(tuple("*" if e is None else e for e in expected)).replace("'", "")
+        raise ValueError(f"{name}: shape {shape}, expected {want}" + (f" {source}" if source else ""))
+
+
 def _check_shape(name: str, arr: np.ndarray, shape: tuple[int | None, ...]) -> None:
-    ok = arr.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, arr.shape))
-    if not ok:
-        want = str(tuple("*" if s is None else s for s in shape)).replace("'", "")
-        raise ValueError(f"{name}: shape {tuple(arr.shape)}, expected {want}")
+    check_shape(name, arr.shape, shape)
 
 
 def validate_relatedness(matrix: Any, num_classes: int | None = None, num_aus: int | None = None,

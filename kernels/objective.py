@@ -22,10 +22,15 @@ passes over the rows inside one launch, with a persistent grid of programs that 
 
 No float atomics are used, so results are deterministic. The two int32 counters live in a per-device buffer
 that each launch leaves at zero, so nothing is zero-filled per call: the forward is one kernel, and the
-op's backward only scales the stored gradients by the incoming gradient. Where co-residency cannot be
-promised (a Triton without cooperative launch; the interpreter, which runs programs one after another) the
-passes run as two launches of the same kernel (``split=True``) that never spin; the interpreter uses a
-single program by default, hence the fused form.
+op's backward only scales the stored gradients by the incoming gradient.
+
+Modes on a GPU: the *split plan*, the default, runs the passes as two launches of the same kernel
+(``split=True``) that never spin; the single launch with the grid barrier above is opt-in
+(``FBN_FAST_GRID_BARRIER=1`` or :func:`fbn_fast.losses.backends.set_grid_barrier`) until verified on a card,
+needs a Triton with cooperative launch, and is used only for C, K <= :data:`BARRIER_MAX_DIM`. Launches run
+on the tensors' device whatever the current device is. The number of programs is :func:`program_count`.
+The interpreter, which runs programs one after another, uses a single program by default, hence the fused
+form there.
 
 Layout: rows are narrow (C = 7, K = 17 by default), so tiles are classes/AUs × rows and a program is one warp
 whose lanes hold whole rows (or halves of them). Per-row reductions then stay within a thread or two,
@@ -41,12 +46,14 @@ from __future__ import annotations
 
 import functools
 import threading
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fbn_fast.losses.op import register_impl
+from fbn_fast.losses.backends import grid_barrier
+from fbn_fast.losses.op import check_inputs, register_impl
 
 try:
     import triton
@@ -57,9 +64,14 @@ except ImportError as _exc:  # pragma: no cover - exercised only where Triton is
 else:
     _IMPORT_ERROR = None
 
-#: Largest C or K the kernel accepts (wide tiles compile and run correctly, but spill registers).
-MAX_DIM = 256
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Largest C or K the launcher accepts. Wider tiles compile for minutes (C = K = 256 did not finish in 8
+#: minutes with ptxas) and spill kilobytes per thread; use backend ``cuda`` or ``torch`` for them.
+MAX_DIM = 64
+#: Largest C or K that gets the single-launch grid-barrier mode (C = K = 64 spills 1.8-13.7 KB per thread on
+#: sm_90, which a launch whose programs wait for each other should not have): wider shapes take the split plan.
+BARRIER_MAX_DIM = 32
+#: Largest C or K for ``use_dot=True`` (``tl.dot`` on tensor cores): wider tiles do not compile.
+DOT_MAX_DIM = 32
 _NSTAT = 16  # float statistics per partial slot (11 used)
 _NCNT = 8  # int32 counts per partial slot (4 used)
 _NPART = 8  # term numerators per partial slot (7 used)
@@ -375,9 +387,11 @@ if triton is not None:
                 h = (tl.sum(ma.to(tl.int32), 0) > 0) & (~me)
 
                 # Supervised expression: CE; an out-of-range class under the mask poisons the term with NaN.
-                cls = tl.load(expr_ptr + r64 * s_ex, mask=me, other=0).to(tl.int32)
+                # The range test runs in the labels' own integer type: narrowing first would wrap a class
+                # >= 2^31 to a valid one.
+                cls = tl.load(expr_ptr + r64 * s_ex, mask=me, other=0)
                 bad_cls = me & ((cls < 0) | (cls >= C))
-                cls = tl.minimum(tl.maximum(cls, 0), C - 1)
+                cls = tl.where(bad_cls, 0, cls).to(tl.int32)
                 onehot = (cols_c[:, None] == cls[None, :]) & me[None, :]
                 t_expr += tl.sum(tl.where(bad_cls, float("nan"), -tl.sum(tl.where(onehot, log_p, 0.0), 0)), 0)
                 g_e = s_expr * tl.where(me[None, :], p - onehot.to(ACC), 0.0)
@@ -571,15 +585,18 @@ def cooperative_launch_supported() -> bool:
 def default_tile(c: int, k: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """``(block_b, num_warps, num_stages)`` on a GPU for C, K and the logits' dtype.
 
-    Tiles are classes/AUs × rows; one warp per program spreads a block's rows over its lanes (16 rows on 16
-    lanes, each holding half a padded AU vector for K <= 32) so that per-row reductions stay within a thread
-    or two, per-row scalars are not replicated 32 times, and no layout conversion is needed. Wider C/K (and
-    float64) take fewer rows per block to bound registers.
+    Tiles are classes/AUs × rows; a block's rows are spread over the lanes of its warps so that per-row
+    reductions stay within a few threads, per-row scalars are not replicated 32 times, and no layout conversion
+    is needed. The sizes come from ptxas's reports for sm_80 and sm_90 under Triton 3.6 and 3.7
+    (``profiling/compile_targets.py``, tables in ``profiling/results/compile_triton-*.json``): for C, K <= 32,
+    8 rows on one warp use 222-239 registers and spill nothing, where 16 rows spill 20-244 B a thread;
+    float64 takes 4 rows on 2 warps (237-252 registers, no spill; 8 rows on one warp spill up to 1.6 KB, and
+    even 2 rows spill on Triton 3.6). Wider C/K take fewer rows per block to bound registers.
     """
     width = max(_next_pow2(c), _next_pow2(k), 32)
-    block_b = 16 if width == 32 else (4 if width == 64 else 2)  # ptxas: no spill at 32; bounded above
-    if dtype == torch.float64:
-        block_b = max(2, block_b // 2)
+    if width == 32:
+        return (4, 2, 1) if dtype == torch.float64 else (8, 1, 1)
+    block_b = 2 if width > 64 or dtype == torch.float64 else 4
     return block_b, 1, 1
 
 
@@ -601,38 +618,37 @@ def _occupancy(compiled, num_warps: int, device: torch.device) -> int:
     return max(1, min(by_regs, by_smem, warps_sm // num_warps, 32, _OCC_CAP))
 
 
-def _check_inputs(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor,
-                  au_mask: Tensor, va: Tensor, va_mask: Tensor, relatedness: Tensor,
-                  va_means: Tensor | None) -> tuple[int, int, int]:
-    if z_e.ndim != 2 or z_a.ndim != 2 or v.ndim != 2 or v.shape[1] != 2:
-        raise ValueError(f"triton objective: z_e, z_a, v must be (B,C), (B,K), (B,2); got {tuple(z_e.shape)}, "
-                         f"{tuple(z_a.shape)}, {tuple(v.shape)}")
-    b, c = z_e.shape
-    k = z_a.shape[1]
-    expected = {"z_a": (b, k), "v": (b, 2), "expr": (b,), "expr_mask": (b,), "au": (b, k), "au_mask": (b, k),
-                "va": (b, 2), "va_mask": (b,), "relatedness": (c, k)}
-    given = {"z_a": z_a, "v": v, "expr": expr, "expr_mask": expr_mask, "au": au, "au_mask": au_mask, "va": va,
-             "va_mask": va_mask, "relatedness": relatedness}
-    if va_means is not None:
-        expected["va_means"], given["va_means"] = (c, 2), va_means
-    for name, shape in expected.items():
-        if tuple(given[name].shape) != shape:
-            raise ValueError(f"triton objective: {name} has shape {tuple(given[name].shape)}, expected {shape}")
-    if b == 0:
-        raise ValueError("triton objective: the batch is empty (B = 0)")
-    if not (1 <= c <= MAX_DIM and 1 <= k <= MAX_DIM):
-        raise ValueError(f"triton objective: C = {c} and K = {k} must be in [1, {MAX_DIM}]")
-    for name, t in (("z_e", z_e), ("z_a", z_a), ("v", v)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"triton objective: {name} has dtype {t.dtype}; supported: {_FLOAT_DTYPES}")
-    if expr.dtype.is_floating_point or expr.dtype.is_complex:
-        raise ValueError(f"triton objective: expr must hold integer class indices, got dtype {expr.dtype}")
-    devices = {t.device for t in (z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness)}
-    if va_means is not None:
-        devices.add(va_means.device)
-    if len(devices) != 1:
-        raise ValueError(f"triton objective: all tensors must be on one device, got {sorted(map(str, devices))}")
-    return b, c, k
+def program_count(device: torch.device, row_blocks: int, per_sm: int | None = None) -> int:
+    """Programs of a GPU launch: ``min(row_blocks, #SMs × per_sm)``.
+
+    ``per_sm`` is ``_OCC_CAP`` (16) for the split plan, so there the count is a function of the device alone
+    (and the batch): results are bit-identical across Triton versions and register allocations. The grid-barrier
+    mode passes the programs per SM of its compiled kernel (registers, shared memory), so there it is a
+    function of (device, kernel build); a refused cooperative launch halves it (see :func:`cooperative_refusal`).
+    """
+    return max(1, min(row_blocks, _sm_count(device) * (per_sm or _OCC_CAP)))
+
+
+#: What the driver says when a cooperative grid is larger than what fits at once
+#: (CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE; Triton raises it as "Triton Error [CUDA]: <this>").
+COOPERATIVE_REFUSAL = "too many blocks in cooperative launch"
+
+
+def cooperative_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is the driver refusing a cooperative grid as too large (nothing ran: a smaller grid may be
+    retried). Any other error (an illegal address, a compile error) is not, and must propagate unchanged."""
+    return isinstance(exc, RuntimeError) and COOPERATIVE_REFUSAL in str(exc)
+
+
+def limits(z_e: Tensor, b: int, c: int, k: int) -> None:
+    """The ``triton`` backend's own limits on top of the op's contract: C, K <= :data:`MAX_DIM`, CUDA (or,
+    under the interpreter, CPU) tensors."""
+    if c > MAX_DIM or k > MAX_DIM:
+        raise ValueError(f"z_e, z_a: C = {c} and K = {k} must be in [1, {MAX_DIM}] for backend 'triton' "
+                         f"(MAX_DIM: wider tiles compile for minutes and spill); use backend 'cuda' or 'torch'")
+    if z_e.device.type not in ("cuda", "cpu"):  # CPU tensors run under the interpreter (see availability())
+        raise ValueError(f"z_e is on {z_e.device}: backend 'triton' takes CUDA tensors (or CPU tensors under "
+                         f"TRITON_INTERPRET=1)")
 
 
 def triton_objective(
@@ -640,35 +656,41 @@ def triton_objective(
     va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None, weights: tuple[float, ...],
     temperature: float, eps: float, *, split: bool | None = None, block_b: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, programs: int | None = None,
-    use_dot: bool | None = None,
+    use_dot: bool | None = None, check: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The total (0-d), ``[total, *TERMS]`` (float32) and the gradients of the total w.r.t. ``z_e``, ``z_a``, ``v``.
 
-    The implementation of backend ``triton`` for :func:`fbn_fast.losses.op.objective`. The keywords
-    override the launch plan, for tests and tuning: ``split`` (two launches instead of the grid barrier; under
-    the interpreter more than one program needs it), ``block_b`` (rows per block), ``num_warps``,
-    ``num_stages``, ``programs`` (at most this many programs) and ``use_dot`` (the C×K contractions as
-    ``tl.dot`` on tensor cores in TF32×3, or one class at a time; float64 never uses ``tl.dot``).
+    Backend ``triton``; ``check`` runs the op's input check (:func:`fbn_fast.losses.op.check_inputs`; the op
+    itself calls this with ``check=False``, having checked). The keywords override the launch plan, for tests
+    and tuning: ``split`` (two launches instead of the grid barrier; under the interpreter more than one
+    program needs it; ``None``: the documented switch, :func:`fbn_fast.losses.backends.grid_barrier`),
+    ``block_b`` (rows per block), ``num_warps``, ``num_stages``, ``programs`` (at most this many programs)
+    and ``use_dot`` (the C×K contractions as ``tl.dot`` on tensor cores in TF32×3, C, K <=
+    :data:`DOT_MAX_DIM`; float64 never uses ``tl.dot``).
     """
+    if check:
+        check_inputs("triton", z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means,
+                     weights, temperature, eps)
     if triton is None:
         raise RuntimeError(f"triton is not importable: {_IMPORT_ERROR}")
-    b, c, k = _check_inputs(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means)
-    if len(weights) != 6:
-        raise ValueError(f"triton objective: expected 6 weights, got {len(weights)}")
+    b, c = z_e.shape
+    k = z_a.shape[1]
     device = z_e.device
     acc, acc_t = (tl.float64, torch.float64) if z_e.dtype == torch.float64 else (tl.float32, torch.float32)
     on_gpu = device.type == "cuda" and not INTERPRET
     use_dot = bool(use_dot) and acc_t == torch.float32
+    if use_dot and max(c, k) > DOT_MAX_DIM:
+        raise ValueError(f"use_dot=True takes C, K <= {DOT_MAX_DIM} (DOT_MAX_DIM), got C = {c}, K = {k}")
     floor = 16 if use_dot else 2  # tl.dot needs every dimension >= 16
     c_pad, k_pad = max(floor, _next_pow2(c)), max(floor, _next_pow2(k))
     if on_gpu:
         tile = default_tile(c, k, z_e.dtype)
     else:
         # The interpreter pays per program and per loop trip, not per element: big blocks, one program.
-        tile = (max(floor, min(256, _next_pow2(b))), 4, 1)
-    block = block_b or tile[0]
+        tile = (min(256, _next_pow2(b)), 4, 1)
+    block = block_b or max(floor, tile[0])
     if block < floor or block & (block - 1):
-        raise ValueError(f"triton objective: block_b = {block} must be a power of two >= {floor}")
+        raise ValueError(f"block_b = {block} must be a power of two >= {floor}")
     num_warps = num_warps or tile[1]
     num_stages = num_stages or tile[2]
     nblocks = -(-b // block)
@@ -677,74 +699,85 @@ def triton_objective(
     total = torch.empty((), dtype=torch.float32, device=device)
     g_e, g_a, g_v = torch.empty_like(z_e), torch.empty_like(z_a), torch.empty_like(v)
     mu = relatedness if va_means is None else va_means  # placeholder pointer when there is no μ
-    scalars = _scalar_args(tuple(float(x) for x in (*weights, 1.0 / temperature, eps)))
-
+    hi_lo = _scalar_args(tuple(float(x) for x in (*weights, 1.0 / temperature, eps)))
+    scalar_names = [f"{n}_{part}" for n in ("w_expr", "w_au", "w_va", "w_ca", "w_dm", "w_ev", "inv_t", "eps")
+                    for part in ("hi", "lo")]
     # Partial slots for the most programs this launch can have.
-    if on_gpu:
-        slots = _sm_count(device) * _OCC_CAP
-    else:
-        slots = max(1, min(programs or 1, nblocks))
-    args = [
-        z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, mu,
-        terms, total, g_e, g_a, g_v, _sync_buffer(device),
-        torch.empty(slots * _NCNT, dtype=torch.int32, device=device),
-        torch.empty(slots * _NSTAT, dtype=acc_t, device=device),
-        torch.empty(slots * _NPART, dtype=acc_t, device=device),
-        torch.empty(3 * c_pad * k_pad, dtype=acc_t, device=device),
-        b, c, k, 1, 1,  # slot 24: the number of programs, set below; then the tables' column stride
-        z_e.stride(0), z_e.stride(1), z_a.stride(0), z_a.stride(1), v.stride(0), v.stride(1),
-        expr.stride(0), expr_mask.stride(0), au.stride(0), au.stride(1), au_mask.stride(0), au_mask.stride(1),
-        va.stride(0), va.stride(1), va_mask.stride(0), relatedness.stride(0), relatedness.stride(1),
-        mu.stride(0), mu.stride(1), g_e.stride(0), g_e.stride(1), g_a.stride(0), g_a.stride(1),
-        g_v.stride(0), g_v.stride(1), *scalars,
-    ]
-    meta = {"ACC": acc, "HAS_MU": va_means is not None, "BLOCK_B": block, "CP": c_pad, "KP": k_pad,
-            "CHUNK": 32 * num_warps, "RTNE_BF16": INTERPRET, "USE_DOT": use_dot, "DOT_PREC": "tf32x3",
-            "num_warps": num_warps, "num_stages": num_stages}
+    slots = program_count(device, 1 << 62) if on_gpu else max(1, min(programs or 1, nblocks))
+    kw = dict(
+        ze_ptr=z_e, za_ptr=z_a, v_ptr=v, expr_ptr=expr, me_ptr=expr_mask, au_ptr=au, ma_ptr=au_mask, va_ptr=va,
+        mv_ptr=va_mask, r_ptr=relatedness, mu_ptr=mu, terms_ptr=terms, total_ptr=total, ge_ptr=g_e, ga_ptr=g_a,
+        gv_ptr=g_v, sync_ptr=_sync_buffer(device),
+        cnt_ptr=torch.empty(slots * _NCNT, dtype=torch.int32, device=device),
+        stat_ptr=torch.empty(slots * _NSTAT, dtype=acc_t, device=device),
+        part_ptr=torch.empty(slots * _NPART, dtype=acc_t, device=device),
+        tab_ptr=torch.empty(3 * c_pad * k_pad, dtype=acc_t, device=device),
+        B=b, C=c, K=k, nprog=1, tab_stride=1,
+        s_ze0=z_e.stride(0), s_ze1=z_e.stride(1), s_za0=z_a.stride(0), s_za1=z_a.stride(1), s_v0=v.stride(0),
+        s_v1=v.stride(1), s_ex=expr.stride(0), s_me=expr_mask.stride(0), s_au0=au.stride(0), s_au1=au.stride(1),
+        s_ma0=au_mask.stride(0), s_ma1=au_mask.stride(1), s_va0=va.stride(0), s_va1=va.stride(1),
+        s_mv=va_mask.stride(0), s_r0=relatedness.stride(0), s_r1=relatedness.stride(1), s_mu0=mu.stride(0),
+        s_mu1=mu.stride(1), s_ge0=g_e.stride(0), s_ge1=g_e.stride(1), s_ga0=g_a.stride(0), s_ga1=g_a.stride(1),
+        s_gv0=g_v.stride(0), s_gv1=g_v.stride(1), **dict(zip(scalar_names, hi_lo)),
+        ACC=acc, HAS_MU=va_means is not None, BLOCK_B=block, CP=c_pad, KP=k_pad, CHUNK=32 * num_warps,
+        RTNE_BF16=INTERPRET, USE_DOT=use_dot, DOT_PREC="tf32x3", num_warps=num_warps, num_stages=num_stages,
+    )
 
-    occ, key = 1, None
     if not on_gpu:
         nprog = max(1, min(programs or 1, nblocks))
         # Programs run one after another here, so a barrier among several would never open.
         fused = not split and nprog == 1
-    else:
+        return _run(kw, nprog, fused, total, terms, g_e, g_a, g_v)
+    with torch.cuda.device(device):  # compile, query and launch on the tensors' device, not the current one
         coop = cooperative_launch_supported()
-        # Without a cooperative launch nothing promises that all programs are resident: never spin then.
-        fused = coop if split is None else (not split and coop)
+        # Without a cooperative launch nothing promises that all programs are resident: never spin then. The
+        # barrier is opt-in (a documented switch) and only for tiles that do not spill.
+        if split is None:
+            fused = coop and grid_barrier() and max(c, k) <= BARRIER_MAX_DIM
+        else:
+            fused = not split and coop
         if fused:
-            meta["launch_cooperative_grid"] = True
+            kw["launch_cooperative_grid"] = True
         key = (device, *(t.dtype for t in (z_e, z_a, v)), va_means is not None, c_pad, k_pad, block, num_warps,
                num_stages, fused, use_dot)
         occ = _OCC.get(key)
         if occ is None:
             # Compile (without launching) the variant whose registers bound the occupancy: the fused kernel, or
             # the main pass of the split pair.
-            compiled = _objective_kernel.warmup(*args, grid=(1,), **meta, DO_STATS=fused, DO_MAIN=True, SYNC=fused)
+            compiled = _objective_kernel.warmup(**kw, grid=(1,), DO_STATS=fused, DO_MAIN=True, SYNC=fused)
             compiled._init_handles()
             occ = _OCC.setdefault(key, _occupancy(compiled, num_warps, device))
             LAUNCH_INFO[repr(key)] = {"n_regs": int(compiled.n_regs), "n_spills": int(compiled.n_spills),
                                       "shared": int(compiled.metadata.shared), "programs_per_sm": occ}
-        cap = _sm_count(device) * occ
-        nprog = min(programs or cap, cap, nblocks)
-    args[24] = nprog
-    last_plan.update(programs=nprog, block_b=block, num_warps=num_warps, fused=fused, use_dot=use_dot)
-    if not fused:  # two launches, no barrier: phase 1, then the main pass reading its partial slots
-        _objective_kernel[(nprog,)](*args, **meta, DO_STATS=True, DO_MAIN=False, SYNC=False)
-        _objective_kernel[(nprog,)](*args, **meta, DO_STATS=False, DO_MAIN=True, SYNC=False)
-        return total, terms, g_e, g_a, g_v
-    while True:
-        try:
-            _objective_kernel[(nprog,)](*args, **meta, DO_STATS=True, DO_MAIN=True, SYNC=True)
-            return total, terms, g_e, g_a, g_v
-        except RuntimeError:
-            # The driver refused a cooperative grid larger than what fits at once (our occupancy estimate
-            # was optimistic): nothing ran, so retry with fewer programs per SM and remember it.
-            if on_gpu and occ > 1 and not torch.cuda.is_current_stream_capturing():
+        nprog = min(programs or nblocks, program_count(device, nblocks, occ if fused else None))
+        if not fused:
+            return _run(kw, nprog, False, total, terms, g_e, g_a, g_v)
+        while True:
+            try:
+                return _run(kw, nprog, True, total, terms, g_e, g_a, g_v)
+            except RuntimeError as exc:
+                # Only the driver's refusal of a too-large cooperative grid (nothing ran) is retried, with fewer
+                # programs per SM, remembered for this variant; anything else propagates unchanged.
+                if not (cooperative_refusal(exc) and occ > 1 and not torch.cuda.is_current_stream_capturing()):
+                    raise
                 occ = _OCC[key] = occ // 2
                 LAUNCH_INFO.get(repr(key), {})["programs_per_sm"] = occ
-                nprog = args[24] = last_plan["programs"] = min(nprog, _sm_count(device) * occ)
-                continue
-            raise
+                nprog = min(nprog, program_count(device, nblocks, occ))
+
+
+def _run(kw: dict, nprog: int, fused: bool, total: Tensor, terms: Tensor, g_e: Tensor, g_a: Tensor,
+         g_v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launch ``nprog`` programs: one fused launch (the grid barrier), or the split pair (statistics, then the
+    main pass reading their partial slots) that never spins."""
+    kw["nprog"] = nprog
+    last_plan.update(programs=nprog, block_b=kw["BLOCK_B"], num_warps=kw["num_warps"], fused=fused,
+                     use_dot=kw["USE_DOT"])
+    if fused:
+        _objective_kernel[(nprog,)](**kw, DO_STATS=True, DO_MAIN=True, SYNC=True)
+    else:
+        _objective_kernel[(nprog,)](**kw, DO_STATS=True, DO_MAIN=False, SYNC=False)
+        _objective_kernel[(nprog,)](**kw, DO_STATS=False, DO_MAIN=True, SYNC=False)
+    return total, terms, g_e, g_a, g_v
 
 
 def availability(backend: str, device: torch.device) -> str | None:
@@ -767,4 +800,8 @@ def availability(backend: str, device: torch.device) -> str | None:
     return f"no Triton path for {device.type} tensors"
 
 
-register_impl("triton", triton_objective)
+def _op_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return triton_objective(*args, check=False)
+
+
+register_impl("triton", _op_impl, limits)

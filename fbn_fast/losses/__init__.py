@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..validation import validate_labels, validate_relatedness
 from .backends import BACKENDS, available_backends, resolve_backend
-from .op import objective
+from .op import check_inputs, compute_dtype, objective
 from .reference import DEFAULT_EPS, TERMS, WEIGHTS, reference_terms
 
 __all__ = [
@@ -92,45 +92,35 @@ def face_behavior_loss(
     and masks first (a host sync: for debugging and data loading, not for the hot loop).
     """
     weights = LossWeights.coerce(weights)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if not 0.0 < eps < 0.5:
-        raise ValueError(f"eps must be in (0, 0.5), got {eps!r}")
-    if z_e.ndim != 2 or z_a.ndim != 2 or v.ndim != 2 or v.shape[1] != 2:
-        raise ValueError(f"z_e, z_a, v must be (B,C), (B,K), (B,2); got {tuple(z_e.shape)}, "
-                         f"{tuple(z_a.shape)}, {tuple(v.shape)}")
-    b, c = z_e.shape
-    k = z_a.shape[1]
-    if z_a.shape[0] != b or v.shape[0] != b:
-        raise ValueError(f"batch sizes differ: z_e {b}, z_a {z_a.shape[0]}, v {v.shape[0]}")
-    if tuple(relatedness.shape) != (c, k):
-        raise ValueError(f"relatedness: shape {tuple(relatedness.shape)}, expected ({c}, {k}) from z_e and z_a")
-    if va_means is not None and tuple(va_means.shape) != (c, 2):
-        raise ValueError(f"va_means: shape {tuple(va_means.shape)}, expected ({c}, 2)")
-
     dev = z_e.device
+    # Sizes for the default (unlabelled) tasks only: the op's contract checks every shape below.
+    b = z_e.shape[0] if z_e.ndim else 0
+    k = z_a.shape[-1] if z_a.ndim else 0
     expr = torch.zeros(b, dtype=torch.long, device=dev) if expr is None else expr
     expr_mask = torch.zeros(b, dtype=torch.bool, device=dev) if expr_mask is None else expr_mask
     au = torch.zeros(b, k, dtype=torch.float32, device=dev) if au is None else au
     au_mask = torch.zeros(b, k, dtype=torch.bool, device=dev) if au_mask is None else au_mask
     va = torch.zeros(b, 2, dtype=torch.float32, device=dev) if va is None else va
     va_mask = torch.zeros(b, dtype=torch.bool, device=dev) if va_mask is None else va_mask
-    if validate:
-        validate_relatedness(relatedness, c, k)
-        validate_labels(expr, expr_mask, au, au_mask, va, va_mask, num_classes=c, num_aus=k, batch=b)
 
     name = resolve_backend(backend, dev)
-    # Fused backends read float32 labels and tables; the reference keeps float64 for float64 oracle runs.
-    ft = torch.float64 if name == "torch" and z_e.dtype == torch.float64 else torch.float32
+    # Labels and tables in the compute dtype of every backend: float64 stays float64 (no lossy round trip).
+    ft = compute_dtype(z_e)
     labels = (expr.long(), expr_mask.bool(), au.to(ft), au_mask.bool(), va.to(ft), va_mask.bool())
     rel = relatedness.to(ft)
     mu = None if va_means is None else va_means.to(ft)
     w = astuple(weights)
+    args = (z_e, z_a, v, *labels, rel, mu, w, float(temperature), float(eps))
+    if validate or name == "torch":  # the fused op checks its inputs itself
+        _, c, k = check_inputs(name, *args)
+    if validate:
+        validate_relatedness(relatedness, c, k)
+        validate_labels(expr, expr_mask, au, au_mask, va, va_mask, num_classes=c, num_aus=k, batch=b)
     if name == "torch":
-        terms = reference_terms(z_e, z_a, v, *labels, rel, mu, w, temperature, eps)
+        terms = reference_terms(*args)
         total = terms[0]
     else:
-        total, terms, *_ = objective(z_e, z_a, v, *labels, rel, mu, list(w), float(temperature), float(eps), name)
+        total, terms, *_ = objective(*args[:-3], list(w), float(temperature), float(eps), name)
     return LossOutput(total, dict(zip(TERMS, terms.detach()[1:].unbind(0))))
 
 
