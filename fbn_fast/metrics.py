@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .labels import AUS, COMPOUNDS, EXPRESSIONS, label_names
+
 __all__ = [
     "AUMeter",
     "CompoundMeter",
@@ -59,6 +61,15 @@ def _opt(x: float) -> float | None:
 
 def _opt_list(xs: np.ndarray) -> list[float | None]:
     return [_opt(x) for x in xs]
+
+
+def _names(names: Sequence[str] | None, n: int, known: tuple[str, ...], prefix: str) -> list[str]:
+    """The given names (one per output), else the canonical ones when there are ``n``, else ``<prefix>i``."""
+    if names is None:
+        return label_names(n, known, prefix)
+    if len(names) != n:
+        raise ValueError(f"names: {len(names)} given for {n} outputs")
+    return [str(x) for x in names]
 
 
 def _as_tensor(x: Any, name: str, device: torch.device | None) -> Tensor:
@@ -196,11 +207,16 @@ def _mask(mask: Any, shape: tuple[int, ...], name: str, device: torch.device) ->
 class _ConfusionMeter(_Meter):
     """Streaming confusion matrices ``confusion[g, target, prediction]`` of a single-label task."""
 
-    def __init__(self, num_classes: int, num_groups: int = 1, device: torch.device | str | None = None) -> None:
+    KNOWN_NAMES: tuple[str, ...] = ()  # the class names when there are that many classes and none are given
+
+    def __init__(self, num_classes: int, num_groups: int = 1, device: torch.device | str | None = None,
+                 names: Sequence[str] | None = None) -> None:
         super().__init__(num_groups, device)
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.num_classes = int(num_classes)
+        #: Class names, reported as ``classes`` beside the per-class lists and the confusion matrix.
+        self.names = _names(names, self.num_classes, self.KNOWN_NAMES, "class")
         self._zeros("confusion", (self.num_groups, self.num_classes, self.num_classes), torch.long)
 
     def update(
@@ -245,8 +261,7 @@ class _ConfusionMeter(_Meter):
         self._check_group(group)
         return self._state["confusion"][group].cpu().numpy()
 
-    @staticmethod
-    def _scores(cm: np.ndarray) -> dict[str, Any]:
+    def _scores(self, cm: np.ndarray) -> dict[str, Any]:
         cm = cm.astype(np.float64)
         n = cm.sum()
         tp = np.diag(cm)
@@ -259,6 +274,7 @@ class _ConfusionMeter(_Meter):
             "accuracy": float(tp.sum() / n),
             "macro_f1": float(np.nanmean(f1)),  # classes among targets or predictions
             "uar": float(np.nanmean(recall)),  # classes among targets
+            "classes": list(self.names),  # per_class_*[i] and the confusion's row/column i name classes[i]
             "per_class_f1": _opt_list(f1),
             "per_class_recall": _opt_list(recall),
             "confusion": cm.astype(np.int64).tolist(),
@@ -270,6 +286,8 @@ class ExpressionMeter(_ConfusionMeter):
 
     ``compute`` also reports UAR, per-class F1 / recall and the confusion matrix.
     """
+
+    KNOWN_NAMES = EXPRESSIONS
 
     def compute(self, group: int = 0) -> dict[str, Any] | None:
         """Metrics of one group; ``None`` when it has no labelled sample."""
@@ -283,6 +301,8 @@ class ExpressionMeter(_ConfusionMeter):
 
 class CompoundMeter(_ConfusionMeter):
     """Compound expressions (method.md §5): accuracy, macro-F1 and unweighted average recall (UAR)."""
+
+    KNOWN_NAMES = COMPOUNDS
 
     def compute(self, group: int = 0) -> dict[str, Any] | None:
         """Metrics of one group; ``None`` when it has no labelled sample."""
@@ -307,6 +327,7 @@ class AUMeter(_Meter):
         from_logits: bool = False,
         num_groups: int = 1,
         device: torch.device | str | None = None,
+        names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(num_groups, device)
         if int(num_aus) < 1:
@@ -314,6 +335,8 @@ class AUMeter(_Meter):
         if not 0.0 < float(threshold) < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
         self.num_aus, self.threshold, self.from_logits = int(num_aus), float(threshold), bool(from_logits)
+        #: AU names, reported as ``aus`` beside the per-AU lists.
+        self.names = _names(names, self.num_aus, AUS, "AU#")
         self._zeros("counts", (self.num_groups, self.num_aus, 4), torch.long)
 
     def update(
@@ -371,6 +394,7 @@ class AUMeter(_Meter):
         mean_f1, mean_acc = float(np.nanmean(f1)), float(np.nanmean(acc))
         return {
             "n": n.astype(np.int64).tolist(),
+            "aus": list(self.names),  # per_au_*[k] and n[k] name aus[k]
             "per_au_f1": _opt_list(f1),
             "per_au_accuracy": _opt_list(acc),
             "mean_f1": mean_f1,
@@ -453,6 +477,9 @@ class MultiDatasetMetrics:
     >>> metrics.compute()   # {"affectnet": {"expression": {...}, "va": {...}}, "disfa": {"au": {...}}, ...}
 
     Compound expressions are scored when ``num_compounds`` is given (``compound_logits``/``compound``).
+    Results name what their lists hold: ``classes`` beside per-class lists and confusion matrices, ``aus`` beside
+    per-AU lists (``class_names``/``au_names``/``compound_names``; by default the canonical label spaces of
+    :mod:`fbn_fast.labels` when the sizes match them, else ``class0`` …, ``AU#0`` …).
     ``device=None`` keeps the statistics on the device of the first update; under DDP pass the rank's device,
     so that a rank that saw no batch still holds its (zero) statistics where the all-reduce expects them.
     """
@@ -465,6 +492,9 @@ class MultiDatasetMetrics:
         num_compounds: int | None = None,
         au_threshold: float = 0.5,
         device: torch.device | str | None = None,
+        class_names: Sequence[str] | None = None,
+        au_names: Sequence[str] | None = None,
+        compound_names: Sequence[str] | None = None,
     ) -> None:
         names = tuple(str(n) for n in dataset_names)
         if not names:
@@ -474,12 +504,12 @@ class MultiDatasetMetrics:
         self.dataset_names = names
         d = len(names)
         self.meters: dict[str, _Meter] = {
-            "expression": ExpressionMeter(num_classes, num_groups=d, device=device),
-            "au": AUMeter(num_aus, threshold=au_threshold, num_groups=d, device=device),
+            "expression": ExpressionMeter(num_classes, num_groups=d, device=device, names=class_names),
+            "au": AUMeter(num_aus, threshold=au_threshold, num_groups=d, device=device, names=au_names),
             "va": VAMeter(num_groups=d, device=device),
         }
         if num_compounds is not None:
-            self.meters["compound"] = CompoundMeter(num_compounds, num_groups=d, device=device)
+            self.meters["compound"] = CompoundMeter(num_compounds, num_groups=d, device=device, names=compound_names)
 
     def update(
         self,

@@ -8,7 +8,7 @@ Faces first (:mod:`fbn_fast.faces`): by default a face detector finds every face
 of ``[x0, y0, x1, y1]``), ``--face-box`` one box for every image, and ``--no-detect`` takes each image as one
 face crop. A detected face is cropped with ``--margin`` of its box on each side (square); given boxes are the
 crops as they are, like a manifest's face boxes. Each crop goes through the evaluation transform of the data
-pipeline (the crop resized to the checkpoint's input size; ImageNet normalisation; channels-last), so a face
+pipeline (the crop resized to the checkpoint's input size; the trunk's normalisation; channels-last), so a face
 gets what ``python -m fbn_fast.evaluate`` would give it with that box. JPEGs are decoded as the pipeline decodes
 them; other formats Pillow reads (PNG, BMP, WebP …) go through Pillow. A directory contributes its image files
 (recursively, sorted).
@@ -48,6 +48,7 @@ from .inference import (
     autocast,
     image_dtype,
     load_trained,
+    model_normalization,
     resolve_amp_dtype,
     resolve_device,
 )
@@ -238,6 +239,7 @@ def predict(
     """
     from .annotate import annotate, save_annotated
     from .data.decode import normalize_nhwc
+    from .data.pipeline import renormalization, renormalize
     from .export import FaceBehaviorProbabilities
 
     if not 0 < au_threshold < 1:
@@ -253,6 +255,7 @@ def predict(
     model = model.to(dev).eval()
     heads = FaceBehaviorProbabilities(model, CompoundScorer(compound_classes, beta=beta, temperature=temperature))
     heads = heads.to(dev)
+    renorm = renormalization(model_normalization(model), dev)  # the trunk's input statistics, as in training
     files = expand_inputs(paths)
     outside = _outside(files, trained_on)
     if outside:
@@ -270,7 +273,7 @@ def predict(
         answers: list[dict[str, Any]] = []
         for start in range(0, len(crops), batch_size):
             u8 = torch.from_numpy(np.stack(crops[start:start + batch_size]))
-            x = normalize_nhwc(u8, None, None, image_dtype(dev, amp), dev)
+            x = renormalize(normalize_nhwc(u8, None, None, image_dtype(dev, amp), dev), renorm)
             with autocast(dev, amp):
                 out = model(x)
             answers += _answers(heads, *heads.probabilities(*out), au_threshold=au_threshold, top_k=top_k)
@@ -369,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Expression, action units, valence/arousal and zero-shot compound expressions of every face "
                     "in images.",
     )
-    p.add_argument("checkpoint", help="a checkpoint written by python -m fbn_fast.train")
+    p.add_argument("checkpoint", help="a checkpoint written by python -m fbn_fast.train, or its run folder (its "
+                   "best.pt, the best on validation, else the latest checkpoint)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or directories of images")
     p.add_argument("--json", action="store_true", help="print JSON (one list of entries) instead of a table")
     p.add_argument("--annotate", default=None, metavar="OUT_DIR",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fbn_fast.labels import AUS, EXPRESSIONS
 from fbn_fast.metrics import AUMeter, CompoundMeter, ExpressionMeter, MultiDatasetMetrics, VAMeter, ccc_from_moments
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -508,3 +509,19 @@ def test_bad_input_raises_clear_errors():
         md.merge(MultiDatasetMetrics(["a", "c"], 3, 2))
     with pytest.raises(ValueError, match="group is required"):
         ExpressionMeter(3, num_groups=2).update(torch.tensor([0]), torch.tensor([0]))
+
+
+def test_results_name_their_classes_and_aus():
+    m = MultiDatasetMetrics(["a"], num_compounds=3, compound_names=["x", "y", "z"])
+    m.update(0, expr_logits=torch.eye(7), expr=torch.arange(7), au_probs=torch.full((7, 17), 0.7),
+             au=torch.ones(7, 17), compound_logits=torch.eye(3), compound=torch.arange(3).long())
+    r = m.compute()["a"]
+    assert r["expression"]["classes"] == list(EXPRESSIONS)  # per_class_*[i] and confusion row/column i
+    assert r["au"]["aus"] == list(AUS) and len(r["au"]["per_au_f1"]) == 17
+    assert r["compound"]["classes"] == ["x", "y", "z"]
+    # Another model size: positional names; a wrong number of names is an error.
+    small = ExpressionMeter(3)
+    small.update(torch.eye(3), torch.arange(3))
+    assert small.compute()["classes"] == ["class0", "class1", "class2"]
+    with pytest.raises(ValueError, match="names: 2 given for 3 outputs"):
+        ExpressionMeter(3, names=["a", "b"])
