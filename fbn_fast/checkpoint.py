@@ -19,10 +19,15 @@ key                content
 ``relatedness``    the relatedness table used, as its JSON object (:mod:`fbn_fast.relatedness`)
 ``counters``       training counters (non-finite steps skipped, consecutive ones, images seen, ...)
 ``world_size``     number of processes that wrote it
+``trained_on``     what the model was trained on (:func:`training_record`: datasets, data folder, image size,
+                   trunk, label spaces, whether only SynthFace); read it with :func:`read_trained_on`
 =================  =======================================================================================
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the target
-(``os.replace`` is atomic on POSIX and Windows), so a crash never leaves a truncated checkpoint behind.
+(``os.replace`` is atomic on POSIX and Windows), so a crash never leaves a truncated checkpoint behind. Beside
+each checkpoint ``<name>.sha256`` holds the SHA-256 of its bytes (``sha256sum -c`` reads it);
+:func:`load_checkpoint` verifies it, so a checkpoint damaged on disk is refused rather than resumed. A write
+that finds the disk full raises :class:`CheckpointWriteError` saying how much space the checkpoint needs.
 
 Inference users need only :func:`load_model`::
 
@@ -31,9 +36,13 @@ Inference users need only :func:`load_model`::
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,6 +53,7 @@ from torch import nn
 
 __all__ = [
     "FORMAT",
+    "CheckpointWriteError",
     "capture_rng",
     "checkpoint_path",
     "find_checkpoints",
@@ -51,8 +61,10 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "prune_checkpoints",
+    "read_trained_on",
     "restore_rng",
     "save_checkpoint",
+    "training_record",
     "unwrap_model",
 ]
 
@@ -168,20 +180,79 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int, protect: tuple[Path
     doomed = [p for _, p in found[:-keep] if p not in protect] if keep > 0 else []
     for p in doomed:
         p.unlink(missing_ok=True)
+        _checksum_path(p).unlink(missing_ok=True)
     return doomed
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the earlier checkpoints are untouched."""
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _payload_bytes(obj: Any) -> int:
+    """The bytes of the tensors in ``obj``: about the size of its checkpoint file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_payload_bytes(v) for v in obj)
+    return 0
+
+
+def _write_failed(exc: BaseException, obj: Any, path: Path, free_at_failure: int) -> CheckpointWriteError | None:
+    """The error to raise for a failed write of ``obj`` to ``path`` (saying what space it needs when it ran out);
+    ``None`` when the failure was not the file system's."""
+    from .faults import is_disk_full
+
+    need = _payload_bytes(obj)
+    free = shutil.disk_usage(path.parent).free
+    # torch's writer reports a short write in its own words ("unexpected pos ..."): the free space tells.
+    if is_disk_full(exc) or free_at_failure < min(need, 1 << 20):
+        return CheckpointWriteError(
+            errno.ENOSPC, f"no space left on the device of {str(path.parent)!r} to write checkpoint {path.name}: "
+            f"it needs about {need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free; the earlier checkpoints are intact. "
+            f"Free space (or lower --keep-checkpoints), then continue with --resume")
+    if not isinstance(exc, OSError):
+        return None
+    return CheckpointWriteError(exc.errno or errno.EIO, f"cannot write checkpoint {str(path)!r}: {exc.strerror or exc}")
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sum_tmp = Path(tmp + ".sha256.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        sum_tmp.write_text(f"{_sha256(Path(tmp))}  {path.name}\n")
+        # The checksum first: a checkpoint under its final name always has its checksum beside it.
+        os.replace(sum_tmp, _checksum_path(path))
         os.replace(tmp, path)
+    except Exception as exc:
+        free_at_failure = shutil.disk_usage(path.parent).free
+        Path(tmp).unlink(missing_ok=True)
+        sum_tmp.unlink(missing_ok=True)
+        failed = _write_failed(exc, obj, path, free_at_failure)
+        if failed is not None:
+            raise failed from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        sum_tmp.unlink(missing_ok=True)
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -207,11 +278,13 @@ def save_checkpoint(
     relatedness: dict[str, Any] | None = None,
     counters: dict[str, Any] | None = None,
     world_size: int = 1,
+    trained_on: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temporary file, fsync, rename). Returns the path.
 
     ``loader_states`` and ``rng_states`` are lists indexed by rank (gather them before calling on rank 0).
-    ``relatedness`` is :meth:`fbn_fast.relatedness.Relatedness.to_json` of the table used.
+    ``relatedness`` is :meth:`fbn_fast.relatedness.Relatedness.to_json` of the table used; ``trained_on`` is
+    :func:`training_record` of the run.
     """
     plain = unwrap_model(model)
     obj = {
@@ -229,6 +302,7 @@ def save_checkpoint(
         "relatedness": relatedness,
         "counters": dict(counters or {}),
         "world_size": int(world_size),
+        "trained_on": _encode(dict(trained_on or {})),
     }
     path = Path(path)
     _atomic_torch_save(obj, path)
@@ -238,20 +312,29 @@ def save_checkpoint(
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (``weights_only``: no code runs on load).
 
-    Raises ``ValueError`` naming the file when it is missing, truncated or of another format.
+    Raises ``ValueError`` naming the file when it is missing, truncated, corrupt (its content does not match the
+    checksum written with it) or of another format.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    data = path.read_bytes()
+    checksum = _checksum_path(path)
+    if checksum.is_file():  # checkpoints of earlier versions have none
+        want = checksum.read_text().split()[0] if checksum.read_text().strip() else ""
+        got = hashlib.sha256(data).hexdigest()
+        if got != want:
+            raise ValueError(f"checkpoint {str(path)!r} is corrupt: its SHA-256 {got[:12]}… differs from "
+                             f"{want[:12]}… written with it in {checksum.name}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, unpickling refusal, ...: all mean "not a usable checkpoint"
         raise ValueError(f"checkpoint {str(path)!r} cannot be read: {exc}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"checkpoint {str(path)!r} has format {got!r}, expected {FORMAT!r}")
-    for key in ("loader", "rng", "config"):
-        obj[key] = _decode(obj[key])
+    for key in ("loader", "rng", "config", "trained_on"):
+        obj[key] = _decode(obj.get(key))
     return obj
 
 
@@ -287,3 +370,38 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu", *, eval_mode:
     config = TrainConfig.from_dict(ckpt["config"], strict=False, where=str(path)) if ckpt.get("config") else None
     rel = Relatedness.from_json(ckpt["relatedness"]) if ckpt.get("relatedness") else None
     return model, config, rel
+
+
+# ---------------------------------------------------------------------------------------------------- provenance
+def training_record(model: nn.Module, *, datasets: list[str] | tuple[str, ...], image_size: int,
+                    expressions: list[str] | tuple[str, ...], aus: list[str] | tuple[str, ...],
+                    manifest: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
+                    synthface: bool = False) -> dict[str, Any]:
+    """What a model was trained on, as a checkpoint records it (``trained_on``).
+
+    ``datasets``: the names of the datasets whose train split it saw; ``expressions``/``aus``: the label spaces
+    (the manifest's names); ``manifest``/``data_root``: where the images came from (stored as absolute paths);
+    ``synthface``: only SynthFace's synthetic faces (predict warns when such a model meets other images).
+    """
+    arch = dict(getattr(unwrap_model(model), "arch", {}) or {})
+    absolute = lambda p: None if p is None else str(Path(p).resolve())
+    return {"datasets": list(datasets), "synthface_only": bool(synthface), "manifest": absolute(manifest),
+            "data_root": absolute(data_root), "image_size": int(image_size), "trunk": arch.get("trunk"),
+            "expressions": list(expressions), "aus": list(aus)}
+
+
+def read_trained_on(source: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """``trained_on`` of a checkpoint (a path or a loaded checkpoint); for a checkpoint that predates it, what its
+    config and arch say: image size, trunk, datasets when the config lists them, and ``synthface_only`` when it
+    names no manifest (the default job trains on SynthFace)."""
+    ckpt = source if isinstance(source, dict) else load_checkpoint(source)
+    if ckpt.get("trained_on"):
+        return dict(ckpt["trained_on"])
+    cfg, arch = ckpt.get("config") or {}, ckpt.get("arch") or {}
+    out: dict[str, Any] = {"datasets": list(cfg.get("datasets") or []) or None, "trunk": arch.get("trunk"),
+                           "image_size": cfg.get("image_size")}
+    if cfg:
+        out["synthface_only"] = not cfg.get("manifest")
+        if not cfg.get("manifest") and cfg.get("synth_dir"):
+            out["data_root"] = str(Path(cfg["synth_dir"]).resolve())
+    return out

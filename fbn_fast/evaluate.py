@@ -48,8 +48,10 @@ from .inference import (
     add_inference_options,
     as_manifest,
     compound_scorer,
+    image_root,
     iter_outputs,
     load_trained,
+    model_normalization,
     open_loader,
     resolve_amp_dtype,
     resolve_device,
@@ -57,6 +59,7 @@ from .inference import (
 )
 from .labels import AUS, NUM_AUS, NUM_EXPRESSIONS, au_index
 from .metrics import MultiDatasetMetrics
+from .preflight import datasets_with_split, split_summary
 
 if TYPE_CHECKING:
     from .data import Manifest
@@ -112,15 +115,18 @@ def evaluate(
     """Score ``model`` on ``split`` of ``manifest`` (a path or a loaded manifest); returns a JSON-able dict.
 
     Data: by default the evaluation pipeline over ``split`` (and ``datasets``) of the images under
-    ``data_root`` (default: the manifest's folder), ``batch_size`` images of ``image_size`` pixels per batch.
+    ``data_root`` (default: the root the manifest records, else its folder), ``batch_size`` images of
+    ``image_size`` pixels per batch, normalised as the model's trunk expects.
     ``batches`` replaces it: any iterable of batch dicts of the pipeline's contract (``image``, ``dataset``,
     ``index`` = manifest row, and the labels), e.g. the trainer's DDP-sharded loader; ``split`` is then only
     recorded. ``distributed=True`` sums the statistics (and the row count) across the ranks of the default
     process group before computing the metrics; ``nvtx`` names an NVTX range around each forward pass.
 
-    Result keys: ``split``, ``rows``, ``image_size``, ``seconds``, ``compound_classes`` and ``compound_beta``,
-    ``bad_images``, ``datasets`` (``{dataset: {task: metrics}}``, each dataset scored on the tasks it labels,
-    plus ``compound`` where it has compound labels), and with a hidden truth (``truth``: a
+    Result keys: ``split``, ``rows`` (images scored: stand-ins for bad images are not), ``image_size``,
+    ``seconds``, ``compound_classes`` and ``compound_beta``, ``bad_images`` (per dataset) and ``bad_image_files``
+    (path and reason of each), ``no_split`` (``{dataset: "no <split> split"}`` for datasets without rows in ``split``;
+    absent when every dataset has some), ``datasets`` (``{dataset: {task: metrics}}``, each dataset scored on
+    the tasks it labels, plus ``compound`` where it has compound labels), and with a hidden truth (``truth``: a
     :class:`~fbn_fast.inference.HiddenTruth`, a full-label manifest, or by default ``manifest_full.npz``
     beside a manifest path) ``truth`` (``{dataset, "(all)" or pool: {task: metrics}}`` on every task;
     ``truth_pools`` names groups of datasets scored together) and ``unlabelled_aus`` (the AUs with no label in
@@ -131,15 +137,18 @@ def evaluate(
     manifest_path = None if m is manifest else Path(manifest)
     dev = resolve_device(device)
     amp = resolve_amp_dtype(amp_dtype, dev)
+    # A dataset without the split (AffectNet and Aff-Wild2 publish no test labels) is reported, not an error.
+    no_split: dict[str, str] = {}
+    if split in m.splits:
+        present, absent = datasets_with_split(m, split, datasets)
+        no_split = {d: f"no {split} split" for d in absent}
     if batches is None:
         if split not in m.splits:
             raise ValueError(f"--split {split!r} is not among the manifest's splits {list(m.splits)}")
-        rows = m.split_rows(split)
-        if datasets:
-            rows &= np.isin(m.dataset, [m.dataset_index(d) for d in datasets])
-        if not rows.any():
-            raise ValueError(f"manifest {manifest_path or m!s}: no rows in split {split!r}"
-                             f"{' for datasets ' + str(list(datasets)) if datasets else ''}")
+        if not present:
+            raise ValueError(f"--split {split!r}: no dataset{' of ' + str(list(datasets)) if datasets else ''} "
+                             f"of manifest {manifest_path or m!s} has rows in it ({split_summary(m)})")
+        datasets = present
     scorer = compound_scorer(compound_classes, m, beta=beta, temperature=temperature)
 
     if truth is None and manifest_path is not None:
@@ -168,18 +177,23 @@ def evaluate(
     if batches is None:
         rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed
                        else (0, 1))
-        root = data_root if data_root is not None else (manifest_path.parent if manifest_path else None)
-        if root is None:
-            raise ValueError("evaluate: data_root is needed when the manifest is not a file")
-        batches = loader = open_loader(m, root, split=split, datasets=datasets, batch_size=batch_size,
-                                       image_size=image_size, device=dev, amp_dtype=amp,
+        batches = loader = open_loader(m, image_root(m, manifest_path, data_root), split=split, datasets=datasets,
+                                       batch_size=batch_size, image_size=image_size, device=dev, amp_dtype=amp,
                                        loader_backend=loader_backend, num_workers=num_workers, rank=rank,
-                                       world_size=world)
+                                       world_size=world, normalization=model_normalization(model))
     was_training = model.training
     seen, size = 0, None
     start = time.perf_counter()
     try:
         for batch, z_e, z_a, v in iter_outputs(model.to(dev), batches, dev, amp, nvtx):
+            if "substitute" in batch:  # stand-ins for bad images: counted in bad_images, never scored
+                keep = ~_on(batch["substitute"], dev).bool()
+                if not bool(keep.all()):
+                    batch = {k: t[keep.to(t.device)] if isinstance(t, Tensor) and t.ndim else t
+                             for k, t in batch.items()}
+                    z_e, z_a, v = z_e[keep], z_a[keep], v[keep]
+                    if not z_e.shape[0]:
+                        continue
             ds = _on(batch["dataset"], dev).long()
             z_c = scorer.logits(z_e, z_a)
             c_pos, c_mask = scorer.targets(_on(batch["compound"], dev))
@@ -226,6 +240,8 @@ def evaluate(
         "compound_beta": scorer.beta,
         "datasets": {name: res for name, res in metrics.compute().items() if res},
         "bad_images": dict(getattr(batches, "bad_images", {}) or {}),
+        "bad_image_files": [{"path": p, "reason": why} for p, why in getattr(batches, "bad_image_log", [])],
+        **({"no_split": no_split} if no_split else {}),
     }
     if truth_metrics is not None:
         result["truth"] = {name: res for name, res in truth_metrics.compute().items() if res}
@@ -287,6 +303,7 @@ def format_report(result: Mapping[str, Any]) -> str:
     out = [f"{at_step}split {result['split']}: {result['rows']} images at {result['image_size']} px "
            f"({result['seconds']:.1f} s); each dataset scored on the tasks it labels"]
     out += rows(result["datasets"])
+    out += [f"{name:<18} {why}" for name, why in result.get("no_split", {}).items()]
     if any("compound" in r for r in result["datasets"].values()):
         out.append(f"compound: zero-shot over {len(result['compound_classes'])} classes, β = {result['compound_beta']}")
     if "truth" in result:
@@ -320,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-dataset metrics (method.md §5) of a checkpoint on a manifest, zero-shot compounds, and "
                     "scores on unlabelled tasks when the hidden truth is available.",
     )
-    p.add_argument("checkpoint", help="a checkpoint written by python -m fbn_fast.train")
+    p.add_argument("checkpoint", help="a checkpoint written by python -m fbn_fast.train, or its run folder (its "
+                   "best.pt, the best on validation, else the latest checkpoint)")
     p.add_argument("manifest", help="the manifest (.npz) to evaluate on")
     p.add_argument("--split", default="test", help="manifest split to score (default: test)")
     add_inference_options(p, SHARED_OPTIONS)
@@ -346,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trained = load_trained(args.checkpoint, args.device)
         manifest = Path(args.manifest)
         result = evaluate(
-            trained.model, manifest, args.data_root or manifest.parent, split=args.split,
+            trained.model, manifest, args.data_root, split=args.split,
             datasets=[d for arg in args.datasets for d in arg.split(",") if d] or None,
             batch_size=args.batch_size, image_size=args.image_size or trained.image_size, device=trained.device,
             amp_dtype=args.amp_dtype, loader_backend=args.loader_backend, num_workers=args.num_workers,
@@ -357,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result.update(checkpoint=str(args.checkpoint), manifest=str(args.manifest))
+    result.update(checkpoint=str(trained.path), manifest=str(args.manifest))
     save_result(result, args.json)
     print(format_report(result))
     return 0

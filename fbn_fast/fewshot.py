@@ -39,8 +39,10 @@ from .inference import (
     as_manifest,
     autocast,
     compound_scorer,
+    image_root,
     iter_outputs,
     load_trained,
+    model_normalization,
     open_loader,
     resolve_amp_dtype,
     resolve_device,
@@ -79,10 +81,12 @@ class _Source:
     """Batches of a sub-manifest: the evaluation pipeline, or a caller's ``batches(manifest)`` function."""
 
     def __init__(self, root: Any, *, split: str, batch_size: int, image_size: int, device: torch.device,
-                 amp_dtype: torch.dtype | None, loader_backend: str, num_workers: int, batches: Any = None) -> None:
+                 amp_dtype: torch.dtype | None, loader_backend: str, num_workers: int, batches: Any = None,
+                 normalization: Any = None) -> None:
         self.root, self.batches = root, batches
         self.opts = dict(split=split, batch_size=batch_size, image_size=image_size, device=device,
-                         amp_dtype=amp_dtype, loader_backend=loader_backend, num_workers=num_workers)
+                         amp_dtype=amp_dtype, loader_backend=loader_backend, num_workers=num_workers,
+                         normalization=normalization)
 
     def __call__(self, sub: Any) -> Iterator[Any]:
         if self.batches is not None:
@@ -148,7 +152,7 @@ def _finetune_trunk(model: nn.Module, head: FewShotCompoundHead, sub: Any, sourc
 def few_shot(
     model: nn.Module,
     manifest: Any,
-    data_root: str | os.PathLike,
+    data_root: str | os.PathLike | None,
     shots: int,
     *,
     split: str = "test",
@@ -175,7 +179,8 @@ def few_shot(
 
     Returns a JSON-able dict: ``zero_shot`` and ``few_shot`` (accuracy, macro-F1, UAR, per-class recall,
     confusion over ``classes``), the support and query sizes and the fine-tuning losses. ``model`` is not
-    modified (``--finetune-trunk`` trains a copy). ``batches``, a function of a manifest returning batch
+    modified (``--finetune-trunk`` trains a copy). ``data_root``: ``None`` reads the images under the root the
+    manifest records, else its folder. ``batches``, a function of a manifest returning batch
     dicts, replaces the data pipeline. ``device``, ``amp_dtype``, ``loader_backend`` and ``num_workers`` take
     the values of train's options of the same names.
     """
@@ -195,8 +200,10 @@ def few_shot(
     pos, _ = scorer.targets(torch.as_tensor(m.compound.astype(np.int64)))
     y_sup, y_qry = pos[support].to(dev), pos[query].to(dev)
 
-    source = _Source(data_root, split=split, batch_size=batch_size, image_size=image_size, device=dev,
-                     amp_dtype=amp, loader_backend=loader_backend, num_workers=num_workers, batches=batches)
+    root = None if batches is not None else image_root(m, None if m is manifest else manifest, data_root)
+    source = _Source(root, split=split, batch_size=batch_size, image_size=image_size, device=dev,
+                     amp_dtype=amp, loader_backend=loader_backend, num_workers=num_workers, batches=batches,
+                     normalization=model_normalization(model))
     model = model.to(dev).eval()
     s_sup, lp_sup = _features(model, m, support, source, dev, amp)
     s_qry, lp_qry = _features(model, m, query, source, dev, amp)
@@ -262,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Few-shot compound expressions (method.md §4): fine-tune the zero-shot-initialised compound "
                     "head on K images per class and compare with zero-shot on the remaining images.",
     )
-    p.add_argument("checkpoint", help="a checkpoint written by python -m fbn_fast.train")
+    p.add_argument("checkpoint", help="a checkpoint written by python -m fbn_fast.train, or its run folder (its "
+                   "best.pt, the best on validation, else the latest checkpoint)")
     p.add_argument("manifest", help="a manifest with compound labels (.npz)")
     p.add_argument("--shots", type=int, required=True, help="labelled images per compound class (K)")
     p.add_argument("--finetune-trunk", action="store_true", help="fine-tune the whole network with the head")
@@ -293,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trained = load_trained(args.checkpoint, args.device)
         manifest = Path(args.manifest)
         result = few_shot(
-            trained.model, manifest, args.data_root or manifest.parent, args.shots, split=args.split,
+            trained.model, manifest, args.data_root, args.shots, split=args.split,
             seed=args.seed, finetune_trunk=args.finetune_trunk, steps=args.steps, lr=args.lr,
             weight_decay=args.weight_decay, epochs=args.epochs, trunk_lr=args.trunk_lr,
             use_expressions=args.use_expressions, beta=args.beta, temperature=args.temperature,
@@ -304,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result.update(checkpoint=str(args.checkpoint), manifest=str(args.manifest))
+    result.update(checkpoint=str(trained.path), manifest=str(args.manifest))
     save_result(result, args.json)
     print(format_report(result))
     return 0

@@ -2,7 +2,7 @@
 
 - :func:`resolve_device`, :func:`resolve_amp_dtype` (train's ``--amp-dtype`` vocabulary: ``auto``, ``bf16``,
   ``fp16``, ``none``), :func:`image_dtype`, :func:`autocast`, :func:`nvtx_range`;
-- :func:`load_trained`: a checkpoint → :class:`TrainedModel` (the model in eval mode on the device, its
+- :func:`load_trained`: a checkpoint or a run folder → :class:`TrainedModel` (the model in eval mode on the device, its
   config, the image size and training manifest it was trained with), through
   :func:`fbn_fast.checkpoint.load_model`;
 - :func:`open_loader` (the evaluation input pipeline of a manifest) and :func:`iter_outputs` (float32 model
@@ -48,8 +48,10 @@ __all__ = [
     "autocast",
     "compound_scorer",
     "image_dtype",
+    "image_root",
     "iter_outputs",
     "load_trained",
+    "model_normalization",
     "nvtx_range",
     "open_loader",
     "parse_compound_classes",
@@ -164,13 +166,17 @@ class TrainedModel:
 def load_trained(path: str | os.PathLike, device: str | torch.device | None = "auto") -> TrainedModel:
     """Load a checkpoint written by ``python -m fbn_fast.train`` for inference, on ``device`` (in eval mode).
 
-    ``ValueError`` naming the file when it is missing, unreadable or does not fit its architecture.
+    ``path``: a checkpoint file, or a run folder (its ``best.pt``, else its latest checkpoint:
+    :func:`fbn_fast.selection.resolve_checkpoint`). ``ValueError`` naming the file when it is missing, unreadable
+    or does not fit its architecture.
     """
     from .checkpoint import load_model
+    from .selection import resolve_checkpoint
 
     dev = resolve_device(device)
+    path = resolve_checkpoint(path)
     model, config, relatedness = load_model(path, map_location=dev)
-    return TrainedModel(model.eval(), config, relatedness, Path(path), dev)
+    return TrainedModel(model.eval(), config, relatedness, path, dev)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -188,15 +194,38 @@ def as_manifest(manifest: Manifest | str | os.PathLike, what: str = "manifest") 
 
 def open_loader(manifest: Manifest, data_root: str | os.PathLike, *, split: str, batch_size: int, image_size: int,
                 device: torch.device, amp_dtype: torch.dtype | None = None, datasets: Sequence[str] | None = None,
-                loader_backend: str = "auto", num_workers: int = 2, rank: int = 0, world_size: int = 1) -> Loader:
+                loader_backend: str = "auto", num_workers: int = 2, rank: int = 0, world_size: int = 1,
+                normalization: Any = None) -> Loader:
     """The evaluation input pipeline over ``split`` of ``manifest``: every row once, in order, across ranks;
-    images as the model expects them (:func:`image_dtype`). Close it when done."""
+    images as the model expects them (:func:`image_dtype`; ``normalization``: :func:`model_normalization` of the
+    model, ImageNet's when ``None``). Close it when done."""
     from .data.pipeline import build_loader
 
     return build_loader(manifest, data_root, batch_size=batch_size, image_size=image_size, train=False, split=split,
                         datasets=list(datasets) if datasets else None, backend=loader_backend,
                         num_workers=int(num_workers), device=device, dtype=image_dtype(device, amp_dtype),
-                        rank=rank, world_size=world_size)
+                        rank=rank, world_size=world_size, normalization=normalization)
+
+
+def image_root(manifest: Manifest, manifest_path: str | os.PathLike | None = None,
+               data_root: str | os.PathLike | None = None) -> Path:
+    """The folder a manifest's image paths are read under: ``data_root`` (``--data-root``) when given, else the
+    root the manifest records (where it was imported), else the folder of its file ``manifest_path``."""
+    if data_root is not None:
+        return Path(data_root)
+    if manifest.root is not None:
+        return Path(manifest.root)
+    if manifest_path is None:
+        raise ValueError("the manifest records no image root and is not a file: give --data-root")
+    return Path(manifest_path).parent
+
+
+def model_normalization(model: nn.Module) -> Any:
+    """The input (mean, std) per RGB channel a model's trunk expects (:attr:`FaceBehaviorNet.normalization`,
+    through DDP / compile wrappers); ``None`` (ImageNet's) for a model that does not say."""
+    from .checkpoint import unwrap_model
+
+    return getattr(unwrap_model(model), "normalization", None)
 
 
 class BatchOutputs(NamedTuple):

@@ -1,16 +1,28 @@
 """``python -m fbn_fast.train``: train FaceBehaviorNet, evaluate it, and write a run folder.
 
 With no options it runs the default job on whatever the machine has: it generates the small SynthFace if it
-is not cached, trains the ``small`` trunk at 64 px, evaluates every dataset's test split (plus zero-shot
-compound expressions) and writes ``runs/<timestamp>/``:
+is not cached, trains the ``small`` trunk at 64 px, chooses ``best.pt`` on the val split, scores it on every
+dataset's test split (plus zero-shot compound expressions) and writes ``runs/<timestamp>/``.
+
+Protocol: ``train`` trains, ``val`` selects (:mod:`fbn_fast.selection`: scored every ``--eval-every`` steps,
+each time with a checkpoint, and at the end) and ``--eval-split`` (``test``) scores the chosen model where a
+dataset has that split; a dataset without it is reported ("no test split"), not an error. What can be checked
+before the first step is (:mod:`fbn_fast.preflight`: splits, ``--datasets``/``--ratios``, a sample of the images
+under the root in use, relatedness, label spaces), each failure naming the option to change.
 
 ======================  ================================================================================
 ``config.toml``         the resolved recipe (rerun with ``--config runs/<x>/config.toml``)
 ``relatedness.json``    the relatedness table used (prior, estimated from the training split, or a file)
 ``metrics.jsonl``       one JSON record per log interval (step, epoch, lr, images/s, every loss term,
                         skipped non-finite steps) and one per evaluation
-``eval.json``           the last evaluation: per-dataset metrics of method.md §5
-``checkpoints/``        ``step_<N>.pt`` every ``--ckpt-every`` steps, at the end and on SIGINT/SIGTERM
+``tensorboard/``        the same records and the config as TensorBoard events, when the ``tensorboard``
+                        package is installed (``pip install "fbn_fast[tensorboard]"``)
+``eval.json``           the end: per-dataset metrics of method.md §5 of the chosen model on ``--eval-split``
+                        (``no_split`` names the datasets without it), ``validation`` (the last val scores)
+``best.json``           step and validation score of ``checkpoints/best.pt``
+``checkpoints/``        ``step_<N>.pt`` every ``--ckpt-every`` and ``--eval-every`` steps, at the end and on
+                        SIGINT/SIGTERM/SIGUSR1, each with its SHA-256 in ``step_<N>.pt.sha256``; the last
+                        ``--keep-checkpoints`` are kept, and ``best.pt`` (the best on val) besides
 ``plots/``              ``loss.png``, ``au_f1.png``, ``confusion.png``
 ``train.log``           the log
 ======================  ================================================================================
@@ -18,9 +30,13 @@ compound expressions) and writes ``runs/<timestamp>/``:
 Multi-GPU: ``torchrun --nproc_per_node N -m fbn_fast.train ...`` (see ``training/launch_ddp.sh``): one process
 per device, each reading its own shard; NCCL on GPUs, gloo on CPUs.
 
-Exit status: 0 done (or paused by ``--max-steps-per-run``), 2 bad options, 3 stopped after
-``--max-nonfinite`` consecutive non-finite losses, 128+N stopped by signal N (SIGINT 130, SIGTERM 143) after
-saving a checkpoint; continue with ``--resume auto --name <run>`` or ``--resume <run folder>``.
+A run folder has one owner (``.lock``, see :mod:`fbn_fast.runlock`); a new run under the ``--name`` of an
+existing one needs ``--resume``. Exit status (:mod:`fbn_fast.faults`; ``docs/reliability.md``): 0 done (or
+paused by ``--max-steps-per-run``), 1 internal error, 2 usage, 3 stopped after ``--max-nonfinite`` consecutive
+non-finite losses, 4 data, 5 I/O (e.g. disk full), 75 saved after SIGUSR1 (requeue), 128+N stopped by signal N
+(SIGINT 130, SIGTERM 143) after saving a checkpoint; continue with ``--resume auto --name <run>`` or
+``--resume <run folder>``. Every fatal error is one line on stderr and in ``train.log`` (which also gets the
+traceback; ``--debug`` prints it too).
 """
 
 from __future__ import annotations
@@ -45,20 +61,34 @@ from . import distributed as fdist
 from .checkpoint import (
     capture_rng,
     checkpoint_path,
+    find_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     restore_rng,
     save_checkpoint,
+    training_record,
 )
 from .config import TrainConfig, dump_toml, explicit_values
 from .data.synthface import default_synth_dir
 from .evaluate import evaluate, format_report
-from .inference import HiddenTruth, image_dtype
+from .faults import (
+    EXIT_DIVERGED,
+    EXIT_OK,
+    STOP_SIGNALS,
+    NonFiniteLossError,
+    check_physical_limits,
+    nonfinite_tensors,
+    report_fatal,
+    sigchld_deferred,
+    signal_exit_status,
+)
+from .inference import HiddenTruth, image_dtype, image_root
 from .labels import AUS, EXPRESSIONS
 from .losses import TERMS, FaceBehaviorLoss, LossWeights
 from .model import FaceBehaviorNet, build_model
 from .optim import WarmupCosine, build_optimizer, resolve_amp
+from .preflight import datasets_with_split, preflight
 from .progress import (
     RunningWindow,
     add_file_log,
@@ -67,7 +97,10 @@ from .progress import (
     progress_bar,
     remove_log_handler,
 )
+from .runlock import RunLock, holds_a_run, remove_stale_files
+from .selection import SELECTION_SPLIT, BestCheckpoint, validation_score
 from .step import CudaProfileRange, Nvtx, TrainStep
+from .tensorboard import TensorBoardWriter, tensorboard_available
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -90,13 +123,8 @@ __all__ = [
     "resolve_amp",
 ]
 
-EXIT_OK, EXIT_USAGE, EXIT_DIVERGED = 0, 2, 3
 #: Settings of one invocation that a resumed run does not inherit from its checkpoint.
-PER_INVOCATION = ("resume", "max_steps_per_run", "cuda_profile_steps", "progress")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when ``--max-nonfinite`` consecutive steps had a non-finite loss or gradient."""
+PER_INVOCATION = ("resume", "max_steps_per_run", "cuda_profile_steps", "progress", "debug")
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -167,8 +195,11 @@ class Trainer:
         self._resume_state: dict[str, Any] | None = checkpoint  # read once, dropped after the restore
         self._pending_rng: dict[str, Any] | None = None  # this rank's RNG state, restored after the first batch
         self._log_handler: logging.Handler | None = None
+        self._tensorboard: TensorBoardWriter | None = None  # main rank, when the tensorboard package is installed
         self._stop_signal: int | None = None
         self._old_handlers: dict[int, Any] = {}
+        self._lock: RunLock | None = None  # the run folder's, held by the main rank until close()
+        self._last_checkpoint: Path | None = resume_from  # the newest checkpoint known to hold finite state
 
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -211,9 +242,24 @@ class Trainer:
                     suffix += 1
             self.run_dir = Path(fdist.broadcast_object(str(run_dir)))
         if self.main_rank:
+            self._claim_run_dir()
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             self._log_handler = add_file_log(self.run_dir / "train.log")
         fdist.barrier()
+
+    def _claim_run_dir(self) -> None:
+        """Lock the run folder for this run's life, refuse to start a new run over an old one, and remove what
+        writers killed mid-write left behind (nobody else writes here once the lock is held)."""
+        self._lock = RunLock(self.run_dir).acquire()
+        if self.resume_from is None and holds_a_run(self.run_dir):
+            if not self.cfg.resume:
+                self._lock.release()
+                self._lock = None
+                raise ValueError(f"--name {self.run_dir.name}: {str(self.run_dir)!r} already holds a run; continue "
+                                 f"it with --resume auto --name {self.run_dir.name}, or start a new one under "
+                                 "another --name (or remove the folder)")
+            self._truncate_metrics(0)  # --resume auto found no checkpoint: this run starts the log afresh
+        remove_stale_files(self.run_dir)
 
     def _prepare_data(self) -> None:
         from .data import load_manifest
@@ -242,17 +288,19 @@ class Trainer:
             fdist.barrier()
             manifest_path = out / "manifest.npz"
         self.manifest_path = manifest_path
-        self.data_root = Path(cfg.data_root) if cfg.data_root else manifest_path.parent
         try:
             self.manifest = load_manifest(manifest_path)
         except ValueError as exc:
             raise ValueError(f"--manifest: {exc}") from None
-        unknown = [d for d in cfg.datasets if d not in self.manifest.datasets]
-        if unknown:
-            raise ValueError(f"--datasets: {unknown} are not in {manifest_path}, which has "
-                             f"{list(self.manifest.datasets)}")
+        # Images are read under --data-root, else where the manifest was imported, else beside the manifest.
+        self.data_root = image_root(self.manifest, manifest_path, cfg.data_root)
+        source = ("--data-root" if cfg.data_root else
+                  "the root the manifest records" if self.manifest.root else "the manifest's folder; --data-root")
+        for note in preflight(cfg, self.manifest, manifest_path, self.data_root, root_source=source,
+                              check_relatedness=self.resume_from is None):
+            if self.main_rank:
+                log.info("preflight: %s", note)
         self.truth = HiddenTruth.beside(manifest_path, self.manifest)
-        self.loader = self._build_train_loader()
 
     def _build_train_loader(self):
         from .data.pipeline import build_loader
@@ -265,19 +313,20 @@ class Trainer:
                 split="train", datasets=list(cfg.datasets) or None, ratios=ratios,
                 epoch_size=cfg.epoch_size or None, seed=cfg.seed, rank=self.env.rank,
                 world_size=self.env.world_size, backend=cfg.loader_backend, num_workers=cfg.num_workers,
-                device=self.device, dtype=image_dtype(self.device, self.amp_dtype))
+                device=self.device, dtype=image_dtype(self.device, self.amp_dtype),
+                normalization=self.model.normalization)
         except ValueError as exc:
             raise ValueError(f"training data ({self.manifest_path}): {exc}") from None
 
-    def _build_eval_loader(self):
+    def _build_eval_loader(self, split: str, datasets: list[str]):
         from .data.pipeline import build_loader
 
         cfg = self.cfg
         return build_loader(
             self.manifest, self.data_root, batch_size=cfg.eval_batch_size, image_size=cfg.image_size, train=False,
-            split=cfg.eval_split, seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
+            split=split, datasets=datasets, seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
             backend=cfg.loader_backend, num_workers=cfg.num_workers, device=self.device,
-            dtype=image_dtype(self.device, self.amp_dtype))
+            dtype=image_dtype(self.device, self.amp_dtype), normalization=self.model.normalization)
 
     def _prepare_relatedness(self) -> None:
         from . import relatedness as rel_mod
@@ -304,11 +353,17 @@ class Trainer:
 
     def _prepare_model(self) -> None:
         cfg = self.cfg
+        check_physical_limits(
+            dict(trunk=cfg.trunk, num_classes=len(EXPRESSIONS), num_aus=len(AUS), channels_last=cfg.channels_last,
+                 trunk_kwargs=cfg.trunk_kwargs), image_size=cfg.image_size, batch_size=cfg.batch_size,
+            eval_batch_size=cfg.eval_batch_size, device=self.device,
+            element_size=torch.finfo(self.amp_dtype).bits // 8 if self.amp_dtype else 4)
         model = build_model(cfg.trunk, num_classes=len(EXPRESSIONS), num_aus=len(AUS),
                             pretrained=cfg.pretrained_value(), channels_last=cfg.channels_last,
                             head_dropout=cfg.head_dropout, trunk_kwargs=cfg.trunk_kwargs)
         model.to(self.device)
         self.model = model
+        self.loader = self._build_train_loader()  # after the model: images normalised as its trunk expects
         # Every rank built the same initial model; from here on each draws its own random numbers (dropout).
         torch.manual_seed(cfg.seed + 1_000_003 * self.env.rank)
         self.optimizer, self.optimizer_impl = build_optimizer(cfg, model, self.device)
@@ -344,10 +399,20 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         # The schedule follows this run's settings (the same for an exact resume; a longer --steps extends it).
         vars(self.schedule).update(vars(WarmupCosine(self.total_steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio)))
+        if any(base != self.cfg.lr for base in self.scheduler.base_lrs):
+            # --lr given now rules over the checkpoint's (e.g. lowered after a non-finite stop).
+            log.info("--lr %g replaces the checkpoint's %g", self.cfg.lr, self.scheduler.base_lrs[0])
+            self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = self.cfg.lr
+                group["lr"] = self.cfg.lr * self.schedule(self.scheduler.last_epoch)
         if ckpt.get("scaler") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self.counters = _Counters.from_dict(ckpt.get("counters", {}))
+        # A resume is a deliberate restart (often with another --lr or --amp-dtype after a non-finite stop): the
+        # run gets its full --max-nonfinite again.
+        self.counters.nonfinite_consecutive = 0
         same_world = int(ckpt.get("world_size", 1)) == self.env.world_size
         loaders, rngs = ckpt.get("loader") or [], ckpt.get("rng") or []
         if same_world and len(loaders) == self.env.world_size:
@@ -361,6 +426,7 @@ class Trainer:
             self._pending_rng = rngs[self.env.rank]
         if self.main_rank:
             self._truncate_metrics(self.step)
+            BestCheckpoint(self.run_dir).forget_after(self.step)
         self._resume_state = None  # free the host copy
         log.info("resumed from %s at step %d", self.resume_from, self.step)
 
@@ -398,6 +464,29 @@ class Trainer:
         }
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=1))
         log.info("run folder %s; %s", self.run_dir, ", ".join(f"{k}={v}" for k, v in info.items()))
+        if tensorboard_available():
+            # On resume, events past the checkpoint (written before a crash) are hidden, as metrics.jsonl drops them.
+            self._tensorboard = TensorBoardWriter(self.run_dir / "tensorboard",
+                                                  purge_step=self.step + 1 if self.resume_from else None)
+            self._tensorboard.write_config(dump_toml(self.cfg), self.step)
+
+    def _record(self, rec: Mapping[str, Any]) -> None:
+        """Append a record to metrics.jsonl (the source of truth) and to the TensorBoard events (main rank)."""
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._tensorboard is not None:
+            self._tensorboard.write(rec)
+
+    def _trained_on(self) -> dict[str, Any]:
+        """What the model is trained on, as the checkpoint records it."""
+        from .data.synthface import DATASETS as SYNTHFACE_DATASETS
+
+        m = self.manifest
+        train = m.split_rows("train") if "train" in m.splits else np.zeros(len(m), bool)
+        names = list(self.cfg.datasets) or [d for i, d in enumerate(m.datasets) if (train & (m.dataset == i)).any()]
+        synthetic = "synthface" in m.meta and set(names) <= {d.name for d in SYNTHFACE_DATASETS}
+        return training_record(self.model, datasets=names, image_size=self.cfg.image_size, expressions=m.expressions,
+                               aus=m.aus, manifest=self.manifest_path, data_root=self.data_root, synthface=synthetic)
 
     # ------------------------------------------------------------------------------------------------ signals
     def _on_signal(self, signum: int, frame) -> None:
@@ -408,7 +497,7 @@ class Trainer:
                     signal.Signals(signum).name)
 
     def _install_signals(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread (e.g. called from a worker thread): no handlers
@@ -448,10 +537,11 @@ class Trainer:
                         status = self._interrupted()
                         break
                     if self.step < self.total_steps:
-                        if self.step % cfg.ckpt_every == 0:
-                            self.save()
-                        if cfg.eval_every and self.step % cfg.eval_every == 0:
-                            self.run_evaluation()
+                        validating = bool(cfg.eval_every) and self.step % cfg.eval_every == 0
+                        if self.step % cfg.ckpt_every == 0 or validating:
+                            saved = self.save()  # an evaluated step has its checkpoint: best.pt may be it
+                        if validating:
+                            self.validate(saved)
                         if cfg.max_steps_per_run and self.step - started >= cfg.max_steps_per_run:
                             status = "paused"
                             break
@@ -461,7 +551,13 @@ class Trainer:
                 # A signal also reaches the loader's worker processes; their exit is expected here.
                 log.warning("input pipeline stopped after the signal; saving the last completed step")
                 status = self._interrupted()
-        self.save()
+        if status.startswith("interrupted"):
+            # Save, then stop the loader's workers (they ignore the signal); a worker's exit is no news now.
+            with sigchld_deferred():
+                self.save()
+                self.loader.close()
+        else:
+            self.save()
         return status
 
     def _batches(self) -> Iterator[tuple[Mapping[str, Tensor], float]]:
@@ -512,17 +608,19 @@ class Trainer:
             "finite_steps": w.finite_steps, "nonfinite_total": self.counters.nonfinite_total, "loss": terms,
         }
         if self.main_rank:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            self._record(rec)
         bar.set_postfix_str(f"{w.images_per_s:.0f} img/s lr={lr:.2e} "
                             + (format_terms(terms) if terms else "non-finite"), refresh=False)
 
     def _stop_diverged(self) -> NoReturn:
-        self.save()
+        saved = self.save()  # None when the weights themselves are no longer finite
+        ckpt = fdist.broadcast_object(str(saved or self._last_checkpoint or ""))
+        where = (f"the last finite weights are in {ckpt}; continue from it with a lower --lr or another "
+                 f"--amp-dtype (--resume {ckpt} --lr ...), or check the data" if ckpt else
+                 "no checkpoint of this run holds finite weights: start afresh with a lower --lr")
         raise NonFiniteLossError(
             f"stopped at step {self.step}: {self.counters.nonfinite_consecutive} consecutive steps had a "
-            f"non-finite loss or gradient (--max-nonfinite {self.cfg.max_nonfinite}); the last good weights "
-            f"are saved in {self.run_dir / 'checkpoints'}. Lower --lr, use --amp-dtype bf16/none, or check the data")
+            f"non-finite loss or gradient (--max-nonfinite {self.cfg.max_nonfinite}); {where}")
 
     def _interrupted(self) -> str:
         # A signal that reached another rank stops this one too: it is named SIGTERM here.
@@ -534,42 +632,100 @@ class Trainer:
         loader_states = fdist.all_gather_objects(self.loader.state_dict())
         rng_states = fdist.all_gather_objects(capture_rng())
         path = None
-        if self.main_rank:
+        bad = nonfinite_tensors(self.model, self.optimizer) if self.main_rank else []
+        if bad:
+            # Never overwrite the last usable state with a blown-up one.
+            log.warning("step %d: no checkpoint: %d tensors are not finite (%s%s); the newest checkpoint with "
+                        "finite state is %s", self.step, len(bad), ", ".join(bad[:3]), " ..." if len(bad) > 3 else "",
+                        self._last_checkpoint or "none")
+        elif self.main_rank:
             path = checkpoint_path(self.run_dir, self.step)
-            save_checkpoint(
-                path, model=self.model, step=self.step, optimizer=self.optimizer, scheduler=self.scheduler,
-                scaler=self.scaler, loader_states=loader_states, rng_states=rng_states, config=self.cfg.to_dict(),
-                relatedness=self.relatedness.to_json(), world_size=self.env.world_size,
-                counters=asdict(self.counters))
+            with sigchld_deferred():  # a loader worker's exit must not break into the write
+                save_checkpoint(
+                    path, model=self.model, step=self.step, optimizer=self.optimizer, scheduler=self.scheduler,
+                    scaler=self.scaler, loader_states=loader_states, rng_states=rng_states,
+                    config=self.cfg.to_dict(), relatedness=self.relatedness.to_json(),
+                    world_size=self.env.world_size, counters=asdict(self.counters), trained_on=self._trained_on())
+            self._last_checkpoint = path
             prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints, protect=(path,))
             log.info("checkpoint %s", path)
         fdist.barrier()
         return path
 
     # ------------------------------------------------------------------------------------------------ evaluation
-    def run_evaluation(self) -> dict[str, Any]:
-        """Score the model on ``--eval-split`` of every dataset; writes eval.json and a metrics.jsonl record."""
+    def _score(self, split: str) -> dict[str, Any] | None:
+        """:func:`evaluate` on ``split`` of the datasets that have it; ``None`` when none has."""
+        present, _ = datasets_with_split(self.manifest, split)
+        if not present:
+            return None
         if self.env.distributed:
             # BN running statistics drift apart after the last step (each rank saw its own batch): score rank 0's.
             for b in self.model.buffers():
                 torch.distributed.broadcast(b, 0)
-        loader = self._build_eval_loader()
+        loader = self._build_eval_loader(split, present)
         try:
-            result = evaluate(self.model, self.manifest, batches=loader, split=self.cfg.eval_split,
+            result = evaluate(self.model, self.manifest, batches=loader, split=split,
                               device=self.device, amp_dtype=self.amp_dtype, truth=self.truth,
                               train_manifest=self.manifest, train_datasets=self.cfg.datasets or None,
                               distributed=self.env.distributed, nvtx="eval_forward" if self.nvtx.enabled else None)
         finally:
             loader.close()
         result["step"] = self.step
+        return result
+
+    def _report(self, result: Mapping[str, Any]) -> None:
+        """A metrics.jsonl record of an evaluation and its table in the log (main rank)."""
         if self.main_rank:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"kind": "eval", "step": self.step, "time": time.time(), "results": result}) + "\n")
+            self._record({"kind": "eval", "step": self.step, "split": result["split"], "time": time.time(),
+                          "results": result})
+            for line in format_report(result).splitlines():
+                log.info(line)
+
+    def validate(self, checkpoint: Path | None, report: bool = True) -> dict[str, Any] | None:
+        """Score the model on the ``val`` split and offer ``checkpoint`` (this step's) as best.pt by its
+        validation score (:mod:`fbn_fast.selection`); ``None`` when no dataset has a ``val`` split.
+        ``report``: write its metrics.jsonl record and log its table."""
+        result = self._score(SELECTION_SPLIT)
+        if result is None:
+            return None
+        result["selection"] = validation_score(result)
+        if report:
+            self._report(result)
+        if self.main_rank and result["selection"] is not None and checkpoint is not None:
+            BestCheckpoint(self.run_dir).offer(checkpoint, self.step, result["selection"])
+        fdist.barrier()
+        return result
+
+    def run_evaluation(self) -> dict[str, Any]:
+        """The end of a run: the ``val`` split chooses best.pt among the evaluated steps and this one, then
+        ``--eval-split`` of the datasets that have it scores the chosen model (the others are reported as
+        "no <split> split"); writes eval.json and a metrics.jsonl record."""
+        split = self.cfg.eval_split
+        val = self.validate(checkpoint_path(self.run_dir, self.step), report=False)  # one record: the result's
+        best = BestCheckpoint(self.run_dir)
+        chosen = best.record()
+        if chosen is not None and int(chosen["step"]) != self.step:
+            # The chosen weights are scored; the run's last checkpoint keeps the last ones for a resume.
+            self.model.load_state_dict(load_checkpoint(best.path, map_location=self.device)["model"])
+        if split == SELECTION_SPLIT and val is not None and (chosen is None or int(chosen["step"]) == self.step):
+            result = dict(val)
+        else:
+            result = self._score(split)
+        if result is None:  # no dataset has the split
+            _, absent = datasets_with_split(self.manifest, split)
+            result = {"split": split, "rows": 0, "image_size": self.cfg.image_size, "seconds": 0.0,
+                      "datasets": {}, "bad_images": {}, "no_split": {d: f"no {split} split" for d in absent}}
+        result["step"] = int(chosen["step"]) if chosen is not None else self.step
+        result["model"] = "best.pt" if chosen is not None else "last step"
+        if chosen is not None:
+            result["best"] = chosen
+        if val is not None:
+            result["validation"] = val
+        self._report(result)
+        if self.main_rank:
             tmp = self.run_dir / "eval.json.tmp"
             tmp.write_text(json.dumps(result, indent=1))
             os.replace(tmp, self.run_dir / "eval.json")
-            for line in format_report(result).splitlines():
-                log.info(line)
         return result
 
     def write_plots(self, result: Mapping[str, Any] | None) -> list[Path]:
@@ -591,7 +747,8 @@ class Trainer:
             # Per dataset only: the pooled groups of the hidden-truth section would count images twice.
             full = result.get("truth") or result["datasets"]
             section = {k: v for k, v in full.items() if k in self.manifest.datasets}
-            label = "all test images, complete labels" if "truth" in result else "labelled test sets"
+            split = result["split"]
+            label = f"all {split} images, complete labels" if "truth" in result else f"labelled {split} sets"
             au = {name: tasks["au"]["per_au_f1"] for name, tasks in section.items() if "au" in tasks}
             if au:
                 written.append(plot_per_au_f1(au, AUS, out / "au_f1.png", title=f"per-AU F1 ({label})"))
@@ -619,6 +776,8 @@ class Trainer:
         result = None
         if status == "done" and self.cfg.evaluate:
             result = self.run_evaluation()
+            if not result["datasets"]:  # no dataset has --eval-split: plot the validation scores
+                result = result.get("validation")
         if self.main_rank and self.cfg.plots and status == "done":
             try:
                 for p in self.write_plots(result):
@@ -635,46 +794,82 @@ class Trainer:
         if self._log_handler is not None:
             remove_log_handler(self._log_handler)
             self._log_handler = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def _resolve_resume(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
-    """``(checkpoint, run folder)`` for ``--resume``; ``(None, None)`` for a fresh run."""
+def _resume_candidates(cfg: TrainConfig) -> tuple[list[Path], Path | None, str | None]:
+    """``(checkpoints to try, newest first; their run folder; a note)`` for ``--resume``: no checkpoints for a
+    fresh run, with a note when ``--resume auto`` found nothing to resume."""
     if not cfg.resume:
-        return None, None
+        return [], None, None
+    newest_first = lambda run: [p for _, p in reversed(find_checkpoints(run))]
     if cfg.resume == "auto":
         if cfg.name:
             run_dir = Path(cfg.out_dir) / cfg.name
-            ckpt = latest_checkpoint(run_dir)
-            return (ckpt, run_dir) if ckpt else (None, None)
+            found = newest_first(run_dir)
+            if not found:
+                return [], None, f"--resume auto: {str(run_dir)!r} has no checkpoint to resume; starting a new run"
+            return found, run_dir, None
         runs = [p for p in Path(cfg.out_dir).glob("*") if p.is_dir() and latest_checkpoint(p)]
         if not runs:
-            return None, None
+            return [], None, (f"--resume auto: no run under {str(cfg.out_dir)!r} has a checkpoint to resume; "
+                              "starting a new run")
         run_dir = max(runs, key=lambda p: latest_checkpoint(p).stat().st_mtime)
-        return latest_checkpoint(run_dir), run_dir
+        return newest_first(run_dir), run_dir, None
     path = Path(cfg.resume)
     if path.is_dir():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
+        found = newest_first(path)
+        if not found:
             raise ValueError(f"--resume: run folder {str(path)!r} has no checkpoints")
-        return ckpt, path
+        return found, path, None
     if path.is_file():
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return path, run_dir
+        return [path], run_dir, None
     raise ValueError(f"--resume: {cfg.resume!r} is neither 'auto', a run folder nor a checkpoint file")
+
+
+def _resolve_resume(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
+    """``(newest checkpoint, run folder)`` for ``--resume``; ``(None, None)`` for a fresh run."""
+    candidates, run_dir, _ = _resume_candidates(cfg)
+    return (candidates[0], run_dir) if candidates else (None, None)
+
+
+def _load_newest_intact(candidates: list[Path]) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The first of ``candidates`` that loads and matches its checksum: ``(path, contents, warnings about the
+    newer ones skipped)``; ``ValueError`` when none does."""
+    skipped: list[tuple[Path, str]] = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+        except ValueError as exc:
+            skipped.append((path, str(exc)))
+            continue
+        notes = [f"{reason}; resuming from {path}, the newest intact checkpoint, instead of {bad.name}"
+                 for bad, reason in skipped]
+        return path, state, notes
+    if skipped:
+        raise ValueError("--resume: no intact checkpoint: " + "; ".join(reason for _, reason in skipped))
+    return None, None, []
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fbn_fast.train`` / ``fbn-train``; returns the exit status (see module doc)."""
     values, control, parser = explicit_values(argv)
     recipe, print_config = control["config"], control["print_config"]
-    state = None
+    state, notes = None, []
     try:
         cfg = TrainConfig.from_dict(values, where=str(recipe or "options"))
-        ckpt, run_dir = _resolve_resume(cfg)
+        candidates, run_dir, note = _resume_candidates(cfg)
+        ckpt, state, notes = _load_newest_intact(candidates)
+        notes += [note] if note else []
         if ckpt is not None:
             # Continue with the run's own settings; options given now (e.g. a longer --steps) override them.
-            state = load_checkpoint(ckpt)
             saved = {k: v for k, v in state["config"].items() if k in TrainConfig.fields() and k not in PER_INVOCATION}
             cfg = TrainConfig.from_dict({**saved, **values}, where=f"{ckpt} + options")
     except ValueError as exc:
@@ -685,6 +880,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rank = int(os.environ.get("RANK", "0") or 0)
     configure_console_logging(rank)
+    for line in notes:
+        log.warning("%s", line)
     try:
         env = fdist.init_distributed(cfg.device)
     except ValueError as exc:
@@ -693,25 +890,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, env, resume_from=ckpt, run_dir=run_dir, checkpoint=state)
         state = None  # the trainer holds it until restored, then frees it
-        try:
-            trainer.setup()
-        except ValueError as exc:
-            log.error("%s", exc)
-            return EXIT_USAGE
         status = trainer.run()
         if status.startswith("interrupted"):
             name = status.split(":", 1)[1]
-            log.warning("stopped by %s at step %d; checkpoint saved. Continue with: python -m fbn_fast.train "
-                        "--resume %s", name, trainer.step, trainer.run_dir)
-            return 128 + int(signal.Signals[name])
+            code = signal_exit_status(signal.Signals[name])
+            log.warning("stopped by %s at step %d; checkpoint saved (exit status %d). Continue with: python -m "
+                        "fbn_fast.train --resume %s", name, trainer.step, code, trainer.run_dir)
+            return code
         if status == "paused":
             log.info("paused at step %d; continue with --resume %s", trainer.step, trainer.run_dir)
         elif env.is_main:
             log.info("done: %s", trainer.run_dir)
         return EXIT_OK
-    except NonFiniteLossError as exc:
-        log.error("%s", exc)
-        return EXIT_DIVERGED
+    except KeyboardInterrupt:  # a second signal while stopping: out now, without a checkpoint of this step
+        signum = (trainer and trainer._stop_signal) or signal.SIGINT
+        log.error("stopped by a second %s without saving; the newest checkpoint is %s",
+                  signal.Signals(signum).name, (trainer and trainer._last_checkpoint) or "none")
+        return 128 + int(signum)
+    except Exception as exc:  # every fatal error: one line (stderr and train.log), its class's exit status
+        return report_fatal(exc, debug=cfg.debug)
     finally:
         if trainer is not None:
             trainer.close()

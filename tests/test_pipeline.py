@@ -107,8 +107,11 @@ def coded(tmp_path_factory):
 
 def check_batch(batch: dict, m: Manifest, size: int, dtype: torch.dtype) -> None:
     """Contract keys, dtypes, shapes, layout; labels equal the manifest rows; images encode those rows."""
-    assert tuple(batch) == BATCH_KEYS
+    # Evaluation batches carry one more key: which images stand in for bad ones (not to be scored).
+    assert tuple(k for k in batch if k != "substitute") == BATCH_KEYS
     n = batch["index"].shape[0]
+    if "substitute" in batch:
+        assert batch["substitute"].dtype == torch.bool and batch["substitute"].shape == (n,)
     img = batch["image"]
     assert img.shape == (n, 3, size, size) and img.dtype == dtype
     assert img.is_contiguous(memory_format=torch.channels_last)

@@ -22,7 +22,8 @@ from fbn_fast import train as train_module
 from fbn_fast.checkpoint import find_checkpoints, latest_checkpoint, load_checkpoint, load_model
 from fbn_fast.config import SECTIONS, TrainConfig, dump_toml, load_recipe, parse_args
 from fbn_fast.data import load_manifest
-from fbn_fast.losses import LossOutput
+from fbn_fast.labels import AUS, EXPRESSIONS
+from fbn_fast.losses import TERMS, LossOutput
 from fbn_fast.optim import WarmupCosine, build_optimizer
 from fbn_fast.progress import RunningWindow, configure_console_logging, progress_bar
 from fbn_fast.train import EXIT_DIVERGED, NonFiniteLossError, Trainer, main
@@ -119,6 +120,27 @@ def test_train_evaluate_run_folder(synth, tmp_path):
     with torch.no_grad():
         out = model(x)
     assert out.expr.shape == (2, 7) and out.au.shape == (2, 17) and out.va.shape == (2, 2)
+
+    # the checkpoint says what the model was trained on
+    seen = load_checkpoint(latest_checkpoint(run))["trained_on"]
+    assert seen["synthface_only"] is True and seen["image_size"] == SYNTH_PX and seen["trunk"] == "small"
+    assert set(seen["datasets"]) == {"synth_expr_va", "synth_expr", "synth_au_a", "synth_au_b", "synth_all"}
+    assert seen["expressions"] == list(EXPRESSIONS) and seen["aus"] == list(AUS)
+    assert seen["data_root"] == str(synth.resolve())
+
+    # TensorBoard events carry the same records as metrics.jsonl: every term, lr, throughput, validation scores
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/total", *(f"loss/{t}" for t in TERMS), "train/lr", "train/images_per_s",
+            "train/data_wait_fraction", "val/datasets/synth_expr/expression/accuracy",
+            "val/datasets/synth_au_a/au/mean_f1", "val/datasets/synth_compound/compound/uar"} <= tags
+    assert [(e.step, e.value) for e in acc.Scalars("loss/total")] == [
+        (r["step"], pytest.approx(r["loss"]["total"], rel=1e-6)) for r in recs]  # float32 in the event file
+    assert [e.step for e in acc.Scalars("val/datasets/synth_expr/expression/accuracy")] == [12, 24]
+    assert "steps = 24" in acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
 
 
 # ------------------------------------------------------------------------------------------------- resume

@@ -258,6 +258,7 @@ class SampleSource:
         self.blob = manifest.path_blob
         self.offsets = manifest.path_offsets
         self.dataset = np.asarray(manifest.dataset)
+        self.dataset_names = tuple(manifest.datasets)
         self.box = np.asarray(manifest.box, np.float32)
         self.seed = int(seed)
         pool_rows = np.asarray(pool_rows, np.int64)
@@ -285,6 +286,7 @@ class SampleSource:
         ``bad`` as ``(row, path, reason)`` and the next replacement is tried.
         """
         current = int(row)
+        first = len(bad)
         for attempt in range(MAX_REPLACEMENTS + 1):
             known = self._bad.get(current)
             try:
@@ -295,9 +297,14 @@ class SampleSource:
                 self._bad[current] = exc.reason
                 bad.append((current, self.path(current), exc.reason))
                 current = self.replacement(int(row), attempt)
-        name = int(self.dataset[row])
-        raise RuntimeError(f"{MAX_REPLACEMENTS + 1} images in a row of dataset code {name} were bad, the last "
-                           f"{self.path(current)!r}; check the data under {self.root!r}")
+        from ..faults import DataError
+
+        name = self.dataset_names[int(self.dataset[row])]
+        tried = bad[first:]
+        examples = "; ".join(f"{os.path.relpath(p, self.root)}: {why}" for _, p, why in tried[:3])
+        raise DataError(f"dataset {name}: {len(tried)} images in a row are bad, so it has too few readable images "
+                        f"to train or evaluate on (first: {examples}); check the images under {self.root!r}, or "
+                        f"leave {name} out with --datasets")
 
 
 # ---------------------------------------------------------------------------------------------- CPU path

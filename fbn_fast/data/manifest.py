@@ -556,7 +556,9 @@ class Manifest:
         if not drop_bad:
             shown = "; ".join(f"row {r} ({self.path(r)!r}): {why}" for r, why in bad[:10])
             more = f" (and {len(bad) - 10} more problems)" if len(bad) > 10 else ""
-            raise ValueError(f"{source}: {len(bad)} bad rows: {shown}{more}; pass drop_bad=True to drop them")
+            raise ValueError(f"{source}: {len(bad)} bad rows: {shown}{more}; write a manifest without them with "
+                             f"python -m fbn_fast.data concat {source} --out CLEAN.npz --drop-bad (in Python: "
+                             "drop_bad=True)")
         for r, why in bad:
             log.warning("%s: dropped row %d (%r): %s", source, r, self.path(r), why)
         if report is not None:

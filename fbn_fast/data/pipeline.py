@@ -15,6 +15,7 @@ key            dtype / shape              meaning
 ``dataset``    int64 (N,)                 dataset code (into ``manifest.datasets``)
 ``index``      int64 (N,)                 manifest row the image came from (a bad image's replacement)
 ``compound``   int64 (N,)                 compound-expression id (-1 missing)
+``substitute`` bool (N,)                  evaluation only: the image stands in for a bad one (not to be scored)
 =============  =========================  ==================================================================
 
 Paths (``backend``): ``"dali"`` (NVIDIA DALI: GPU decode with ``device="mixed"``, or CPU operators without a
@@ -39,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..faults import ignore_stop_signals
 from .decode import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -160,7 +162,7 @@ class CpuBackend:
         self.loader = torch.utils.data.DataLoader(
             ds, sampler=self.keys, batch_size=None, collate_fn=identity_collate, num_workers=num_workers,
             pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None)
+            prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
 
     def batches(self, epoch: int, start: int) -> Iterator[dict]:
         self.keys.epoch, self.keys.start = epoch, start
@@ -170,6 +172,10 @@ class CpuBackend:
             yield {"image": image, "index": raw["index"], "_bad": raw["_bad"]}
 
     def close(self) -> None:
+        # Stop the (persistent) workers now rather than whenever the iterator is collected.
+        workers = getattr(self.loader, "_iterator", None)
+        if workers is not None and hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()
         self.loader = None
 
 
@@ -263,6 +269,16 @@ def renormalization(normalization, device: torch.device) -> tuple[torch.Tensor, 
     return scale.view(1, 3, 1, 1).to(device), shift.view(1, 3, 1, 1).to(device)
 
 
+def renormalize(image: torch.Tensor, renorm: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """ImageNet-normalised images (N, 3, H, W) normalised as :func:`renormalization` says (in float32, returned
+    in their own dtype); the images themselves when ``renorm`` is None."""
+    if renorm is None:
+        return image
+    scale, shift = renorm
+    return torch.addcmul(shift.to(image.device, torch.float32), image.float(),
+                         scale.to(image.device, torch.float32)).to(image.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- the loader
 class Loader:
     """Iterable over contract batches; one pass is one epoch of ``len(loader)`` batches.
@@ -323,8 +339,13 @@ class Loader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._consumed >= len(self):
             self.epoch, self._consumed = self.epoch + 1, 0
+        # Evaluation marks the stand-ins of bad images, so that scores count each good image once and no other.
+        requested = None if self.train else self.sampler.iter_from(self.epoch, self._consumed)
         for raw in self._backend.batches(self.epoch, self._consumed):
             batch = self._assemble(raw)
+            if requested is not None:
+                rows = torch.from_numpy(np.asarray(next(requested), np.int64))
+                batch["substitute"] = (raw["index"] != rows).to(self.device)
             self._consumed += 1
             yield batch
         if self._consumed >= len(self):
@@ -336,12 +357,7 @@ class Loader:
         index = raw["index"]
         labels = self.labels.gather(index.numpy())
         nb = self.device.type == "cuda"
-        image = raw["image"]
-        if self._renorm is not None:
-            scale, shift = self._renorm
-            image = torch.addcmul(shift.to(image.device, torch.float32), image.float(),
-                                  scale.to(image.device, torch.float32)).to(image.dtype)
-        out = {"image": image}
+        out = {"image": renormalize(raw["image"], self._renorm)}
         for k in BATCH_KEYS[1:]:
             t = index if k == "index" else labels[k]
             out[k] = t.to(self.device, non_blocking=nb)
