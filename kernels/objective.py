@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor
 
 from fbn_fast.losses.backends import grid_barrier
-from fbn_fast.losses.op import check_inputs, register_impl
+from fbn_fast.losses.op import check_inputs, register_impl, weight_vector
 
 try:
     import triton
@@ -137,12 +138,11 @@ if triton is not None:
                                    "s_ge1", "s_ga1", "s_r1"])
     def _objective_kernel(
         ze_ptr, za_ptr, v_ptr, expr_ptr, me_ptr, au_ptr, ma_ptr, va_ptr, mv_ptr, r_ptr, mu_ptr,
-        terms_ptr, total_ptr, ge_ptr, ga_ptr, gv_ptr, sync_ptr, cnt_ptr, stat_ptr, part_ptr, tab_ptr,
+        terms_ptr, total_ptr, ge_ptr, ga_ptr, gv_ptr, sync_ptr, cnt_ptr, stat_ptr, part_ptr, tab_ptr, w_ptr,
         B, C, K, nprog, tab_stride,
         s_ze0, s_ze1, s_za0, s_za1, s_v0, s_v1, s_ex, s_me, s_au0, s_au1, s_ma0, s_ma1, s_va0, s_va1, s_mv,
         s_r0, s_r1, s_mu0, s_mu1, s_ge0, s_ge1, s_ga0, s_ga1, s_gv0, s_gv1,
-        w_expr_hi, w_expr_lo, w_au_hi, w_au_lo, w_va_hi, w_va_lo, w_ca_hi, w_ca_lo, w_dm_hi, w_dm_lo,
-        w_ev_hi, w_ev_lo, inv_t_hi, inv_t_lo, eps_hi, eps_lo,
+        inv_t_hi, inv_t_lo, eps_hi, eps_lo,
         ACC: tl.constexpr, HAS_MU: tl.constexpr, BLOCK_B: tl.constexpr, CP: tl.constexpr, KP: tl.constexpr,
         CHUNK: tl.constexpr, DO_STATS: tl.constexpr, DO_MAIN: tl.constexpr, SYNC: tl.constexpr,
         RTNE_BF16: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -295,12 +295,15 @@ if triton is not None:
             ccc0 = 2.0 * c_vy0 * inv_nv / den0
             ccc1 = 2.0 * c_vy1 * inv_nv / den1
 
-            w_expr = _scalar(w_expr_hi, w_expr_lo, ACC)
-            w_au = _scalar(w_au_hi, w_au_lo, ACC)
-            w_va = _scalar(w_va_hi, w_va_lo, ACC)
-            w_ca = _scalar(w_ca_hi, w_ca_lo, ACC)
-            w_dm = _scalar(w_dm_hi, w_dm_lo, ACC)
-            w_ev = _scalar(w_ev_hi, w_ev_lo, ACC)
+            # One weight per term, read from a float64 device buffer: new values never recompile.
+            w_expr = tl.load(w_ptr + 0).to(ACC)
+            w_au = tl.load(w_ptr + 1).to(ACC)
+            w_va = tl.load(w_ptr + 2).to(ACC)
+            w_caea = tl.load(w_ptr + 3).to(ACC)
+            w_caae = tl.load(w_ptr + 4).to(ACC)
+            w_dmea = tl.load(w_ptr + 5).to(ACC)
+            w_dmae = tl.load(w_ptr + 6).to(ACC)
+            w_ev = tl.load(w_ptr + 7).to(ACC)
             inv_t = _scalar(inv_t_hi, inv_t_lo, ACC)
             b_acc = B.to(ACC)
             inv_b = 1.0 / b_acc
@@ -308,8 +311,8 @@ if triton is not None:
             # Per-term gradient scales (the weight over the term's denominator).
             s_expr = w_expr / tl.maximum(n_e, 1.0)
             s_au = w_au / tl.maximum(n_a, 1.0)
-            s_caea = w_ca / tl.maximum(n_ca, 1.0)
-            s_caae = w_ca / tl.maximum(n_h, 1.0)
+            s_caea = w_caea / tl.maximum(n_ca, 1.0)
+            s_caae = w_caae / tl.maximum(n_h, 1.0)
             s_va = w_va * enough * inv_nv
 
             # ---- the smoothed relatedness tables, written in phase 1, read per block (L1-resident, short-lived)
@@ -415,8 +418,8 @@ if triton is not None:
                 log_1mq = tl.log(1.0 - qs)  # q is within [eps, 1 - eps]
                 t_dmea += tl.sum(tl.sum(tl.where(mk, q * (log_q - log_s) + (1.0 - q) * (log_1mq - log_1ms), 0.0),
                                         0), 0)
-                g_a += (w_dm * inv_bk) * (s - q)
-                # ∂/∂q up to w_dm / (B K): logit(q) − z_a.
+                g_a += (w_dmea * inv_bk) * (s - q)
+                # ∂/∂q up to w_dmea / (B K): logit(q) − z_a.
                 g_q = tl.where(km[:, None], (log_q - log_1mq) - (log_s - log_1ms), 0.0)
 
                 # Distribution matching AU -> expression: KL(q_e ‖ p), q_e = softmax(ℓ(s) / T).
@@ -428,8 +431,8 @@ if triton is not None:
                 f = tl.where(cm[:, None], u - umax[None, :] - tl.log(su)[None, :], 0.0) - log_p
                 kl = tl.sum(qe * f, 0)
                 t_dmae += tl.sum(tl.where(rm, kl, 0.0), 0)
-                g_e += (w_dm * inv_b) * (p - qe)
-                g_u = qe * (f - kl[None, :])  # ∂/∂u up to w_dm / B
+                g_e += (w_dmae * inv_b) * (p - qe)
+                g_u = qe * (f - kl[None, :])  # ∂/∂u up to w_dmae / B
 
                 # Pull ∂/∂q back to p (Rs g_q) and ∂/∂u back to s (Wᵀ g_u).
                 if USE_DOT:
@@ -445,8 +448,8 @@ if triton is not None:
                         w_c = tl.load(tab_ptr + 2 * CP * KP + c * KP + tab_row)
                         g_p = tl.where(sel, tl.sum(g_q * rs_c, 0)[None, :], g_p)
                         g_s += tl.sum(tl.where(sel, g_u, 0.0), 0)[None, :] * w_c
-                g_p *= w_dm * inv_bk
-                g_a += g_s * ((w_dm * inv_b) * inv_t) * (s * tl.exp(log_1ms))
+                g_p *= w_dmea * inv_bk
+                g_a += g_s * ((w_dmae * inv_b) * inv_t) * (s * tl.exp(log_1ms))
                 tl.store(ga_ptr + r64[None, :] * s_ga0 + cols_k[:, None] * s_ga1,
                          _out(g_a, ga_ptr, RTNE_BF16), mask=mk)
 
@@ -505,18 +508,19 @@ if triton is not None:
                 l_dmae = tl.sum(tl.where(j == 5, sums, 0.0), 0) * inv_b
                 l_dmev = tl.sum(tl.where(j == 6, sums, 0.0), 0) * inv_b
                 l_va = enough * (1.0 - 0.5 * (ccc0 + ccc1))
-                total = (w_expr * l_expr + w_au * l_au + w_va * l_va + w_ca * (l_caea + l_caae)
-                         + w_dm * (l_dmea + l_dmae) + w_ev * l_dmev)
-                tl.store(total_ptr, total.to(tl.float32))  # the differentiable output, apart from the log vector
-                tl.store(terms_ptr + 0, total.to(tl.float32))
-                tl.store(terms_ptr + 1, l_expr.to(tl.float32))
-                tl.store(terms_ptr + 2, l_au.to(tl.float32))
-                tl.store(terms_ptr + 3, l_va.to(tl.float32))
-                tl.store(terms_ptr + 4, l_caea.to(tl.float32))
-                tl.store(terms_ptr + 5, l_caae.to(tl.float32))
-                tl.store(terms_ptr + 6, l_dmea.to(tl.float32))
-                tl.store(terms_ptr + 7, l_dmae.to(tl.float32))
-                tl.store(terms_ptr + 8, l_dmev.to(tl.float32))
+                total = (w_expr * l_expr + w_au * l_au + w_va * l_va + w_caea * l_caea + w_caae * l_caae
+                         + w_dmea * l_dmea + w_dmae * l_dmae + w_ev * l_dmev)
+                out_t = terms_ptr.dtype.element_ty  # float32, float64 for float64 inputs
+                tl.store(total_ptr, total.to(out_t))  # the differentiable output, apart from the log vector
+                tl.store(terms_ptr + 0, total.to(out_t))
+                tl.store(terms_ptr + 1, l_expr.to(out_t))
+                tl.store(terms_ptr + 2, l_au.to(out_t))
+                tl.store(terms_ptr + 3, l_va.to(out_t))
+                tl.store(terms_ptr + 4, l_caea.to(out_t))
+                tl.store(terms_ptr + 5, l_caae.to(out_t))
+                tl.store(terms_ptr + 6, l_dmea.to(out_t))
+                tl.store(terms_ptr + 7, l_dmae.to(out_t))
+                tl.store(terms_ptr + 8, l_dmev.to(out_t))
                 # Re-arm both counters for the next launch.
                 tl.atomic_xchg(sync_ptr, 0)
                 tl.atomic_xchg(sync_ptr + 1, 0)
@@ -589,13 +593,13 @@ def default_tile(c: int, k: int, dtype: torch.dtype) -> tuple[int, int, int]:
     reductions stay within a few threads, per-row scalars are not replicated 32 times, and no layout conversion
     is needed. The sizes come from ptxas's reports for sm_80 and sm_90 under Triton 3.6 and 3.7
     (``profiling/compile_targets.py``, tables in ``profiling/results/compile_triton-*.json``): for C, K <= 32,
-    8 rows on one warp use 222-239 registers and spill nothing, where 16 rows spill 20-244 B a thread;
-    float64 takes 4 rows on 2 warps (237-252 registers, no spill; 8 rows on one warp spill up to 1.6 KB, and
-    even 2 rows spill on Triton 3.6). Wider C/K take fewer rows per block to bound registers.
+    8 rows on 2 warps use about 210 registers and spill nothing, where one warp spills at 16 rows (20-244 B a
+    thread) and, on Triton 3.6, already at 8 (8-16 B); float64 takes 2 rows on 2 warps (4 rows reach 255
+    registers, 8 rows on one warp spill up to 1.6 KB). Wider C/K take fewer rows per block to bound registers.
     """
     width = max(_next_pow2(c), _next_pow2(k), 32)
     if width == 32:
-        return (4, 2, 1) if dtype == torch.float64 else (8, 1, 1)
+        return (2, 2, 1) if dtype == torch.float64 else (8, 2, 1)
     block_b = 2 if width > 64 or dtype == torch.float64 else 4
     return block_b, 1, 1
 
@@ -653,12 +657,14 @@ def limits(z_e: Tensor, b: int, c: int, k: int) -> None:
 
 def triton_objective(
     z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor, au_mask: Tensor,
-    va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None, weights: tuple[float, ...],
+    va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None, weights: Tensor | Sequence[float],
     temperature: float, eps: float, *, split: bool | None = None, block_b: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, programs: int | None = None,
     use_dot: bool | None = None, check: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The total (0-d), ``[total, *TERMS]`` (float32) and the gradients of the total w.r.t. ``z_e``, ``z_a``, ``v``.
+    """The total (0-d), ``[total, *TERMS]`` (float32, float64 for float64 inputs) and the gradients of the total
+    w.r.t. ``z_e``, ``z_a``, ``v``. ``weights``: one per term (a tensor on the device, which the kernel reads
+    from memory, so new values never recompile; or floats; or the six of ``WEIGHTS``).
 
     Backend ``triton``; ``check`` runs the op's input check (:func:`fbn_fast.losses.op.check_inputs`; the op
     itself calls this with ``check=False``, having checked). The keywords override the launch plan, for tests
@@ -695,13 +701,13 @@ def triton_objective(
     num_stages = num_stages or tile[2]
     nblocks = -(-b // block)
 
-    terms = torch.empty(9, dtype=torch.float32, device=device)
-    total = torch.empty((), dtype=torch.float32, device=device)
+    terms = torch.empty(9, dtype=acc_t, device=device)
+    total = torch.empty((), dtype=acc_t, device=device)
+    wts = weight_vector(weights, terms).detach().to(torch.float64).contiguous()
     g_e, g_a, g_v = torch.empty_like(z_e), torch.empty_like(z_a), torch.empty_like(v)
     mu = relatedness if va_means is None else va_means  # placeholder pointer when there is no μ
-    hi_lo = _scalar_args(tuple(float(x) for x in (*weights, 1.0 / temperature, eps)))
-    scalar_names = [f"{n}_{part}" for n in ("w_expr", "w_au", "w_va", "w_ca", "w_dm", "w_ev", "inv_t", "eps")
-                    for part in ("hi", "lo")]
+    hi_lo = _scalar_args((1.0 / float(temperature), float(eps)))
+    scalar_names = [f"{n}_{part}" for n in ("inv_t", "eps") for part in ("hi", "lo")]
     # Partial slots for the most programs this launch can have.
     slots = program_count(device, 1 << 62) if on_gpu else max(1, min(programs or 1, nblocks))
     kw = dict(
@@ -711,7 +717,7 @@ def triton_objective(
         cnt_ptr=torch.empty(slots * _NCNT, dtype=torch.int32, device=device),
         stat_ptr=torch.empty(slots * _NSTAT, dtype=acc_t, device=device),
         part_ptr=torch.empty(slots * _NPART, dtype=acc_t, device=device),
-        tab_ptr=torch.empty(3 * c_pad * k_pad, dtype=acc_t, device=device),
+        tab_ptr=torch.empty(3 * c_pad * k_pad, dtype=acc_t, device=device), w_ptr=wts,
         B=b, C=c, K=k, nprog=1, tab_stride=1,
         s_ze0=z_e.stride(0), s_ze1=z_e.stride(1), s_za0=z_a.stride(0), s_za1=z_a.stride(1), s_v0=v.stride(0),
         s_v1=v.stride(1), s_ex=expr.stride(0), s_me=expr_mask.stride(0), s_au0=au.stride(0), s_au1=au.stride(1),

@@ -1,51 +1,89 @@
 #!/usr/bin/env bash
-# GPU check: one command for a machine with a CUDA GPU (no internet needed). It runs the GPU tests and the
-# benchmarks as separate steps, each under its own time limit and all under one overall budget; a failing
-# or timed-out step is recorded and the next step still runs. Logs, JUnit XML and benchmark JSON go to
-# $OUT (default ./gpu_out); $OUT/summary.txt lists every step with its status.
+# GPU check: one command for a machine with a CUDA GPU (no internet needed). Correctness first (the GPU
+# tests), then the benchmarks, the launch-plan sweep last; each step under its own time limit, and the limits
+# add up to at most the overall budget (480 s: about 8 minutes on an H100), so every step gets its turn. A
+# failing or timed-out step is recorded and the next step still runs. Logs, JUnit XML and benchmark JSON go
+# to the output folder; summary.txt lists every step with its status and gpu_check.json holds the same.
 #
-#   bash profiling/gpu_check.sh                  # OUT=./gpu_out, budget 540 s
-#   OUT=/tmp/out GPU_CHECK_BUDGET=420 bash profiling/gpu_check.sh
+#   bash profiling/gpu_check.sh [--dry-run] [OUT_DIR]      # OUT_DIR: default $OUT, else ./gpu_out
+#   PYTHON=/opt/venv/bin/python3 bash profiling/gpu_check.sh
 #
-# To add a check, add one `step NAME LIMIT_S command...` line below (keep the sum of limits inside the
-# budget; the budget caps every step anyway).
+# --dry-run runs the same steps on a CPU machine (CI does, so the script cannot break unnoticed): Triton's
+# interpreter, tiny sizes, the CUDA-only steps (native build) recorded as skipped, the pytest steps collecting
+# their GPU tests (which skip without a device). The interpreter is used by default python as `python3`, else
+# `python`: the first of them that imports torch (PYTHON overrides).
+#
+# To add a check, add one `step NAME LIMIT_S command...` line below and take its seconds from another step:
+# the limits must add up to at most BUDGET (tests/test_compile_targets.py checks it).
 
 set -u
+DRY=0
+OUT_ARG=""
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY=1 ;;
+        -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+        -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
+        *) OUT_ARG="$arg" ;;
+    esac
+done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
-OUT="${OUT:-./gpu_out}"
+OUT="${OUT_ARG:-${OUT:-./gpu_out}}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-PY="${PYTHON:-python}"
-BUDGET="${GPU_CHECK_BUDGET:-540}"
-DEADLINE=$((SECONDS + BUDGET))
+BUDGET=480
+# The dry run's CPU is slower at everything (imports, the interpreter) than the GPU machine: every limit and
+# the budget stretch by the same factor, so the steps keep their shares.
+SCALE=1
+[ "$DRY" = 1 ] && SCALE=4
+DEADLINE=$((SECONDS + BUDGET * SCALE))
 SUMMARY="$OUT/summary.txt"
+STEPS_TSV="$OUT/.steps.tsv"
 FAILED=0
 : > "$SUMMARY"
+: > "$STEPS_TSV"
+
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+    for cand in python3 python; do
+        if command -v "$cand" > /dev/null 2>&1 && "$cand" -c "import torch" > /dev/null 2>&1; then
+            PY="$cand"
+            break
+        fi
+    done
+fi
+if [ -z "$PY" ]; then
+    echo "gpu_check.sh: neither python3 nor python imports torch (set PYTHON)" | tee -a "$SUMMARY" >&2
+    exit 1
+fi
 
 # step NAME LIMIT_S COMMAND...: run COMMAND with its output in $OUT/NAME.log, killed after LIMIT_S seconds
 # (or when the overall budget runs out), and record the outcome in the summary.
 step() {
-    local name="$1" limit="$2"
+    local name="$1" limit=$(($2 * SCALE)) declared="$2"
     shift 2
-    local left=$((DEADLINE - SECONDS))
+    local left=$((DEADLINE - SECONDS)) t0=$SECONDS rc status
     if [ "$left" -lt 15 ]; then
-        echo "== $name: SKIPPED (overall budget of ${BUDGET}s spent)" | tee -a "$SUMMARY"
+        status="SKIPPED (overall budget of $((BUDGET * SCALE))s spent)"
         FAILED=1
-        return
+    elif [ "$DRY" = 1 ] && [ "$1" = "--cuda" ]; then
+        status="skipped (dry run: needs CUDA)"
+    else
+        [ "$1" = "--cuda" ] && shift
+        [ "$limit" -gt "$left" ] && limit=$left
+        echo "== $name (limit ${limit}s): $*" | tee -a "$SUMMARY"
+        timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+        rc=$?
+        case $rc in
+            0) status="ok" ;;
+            124 | 137) status="TIMEOUT"; FAILED=1 ;;
+            *) status="FAILED (exit $rc)"; FAILED=1 ;;
+        esac
     fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    echo "== $name (limit ${limit}s): $*" | tee -a "$SUMMARY"
-    local t0=$SECONDS rc status
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    rc=$?
-    case $rc in
-        0) status="ok" ;;
-        124 | 137) status="TIMEOUT"; FAILED=1 ;;
-        *) status="FAILED (exit $rc)"; FAILED=1 ;;
-    esac
-    echo "   $status after $((SECONDS - t0))s; log: $OUT/$name.log" | tee -a "$SUMMARY"
-    tail -n 4 "$OUT/$name.log" | sed 's/^/   | /' >> "$SUMMARY"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$declared" "$status" "$((SECONDS - t0))" >> "$STEPS_TSV"
+    echo "   $name: $status after $((SECONDS - t0))s" | tee -a "$SUMMARY"
+    [ -f "$OUT/$name.log" ] && tail -n 4 "$OUT/$name.log" | sed 's/^/   | /' >> "$SUMMARY"
 }
 
 # The package maps fbn_fast.kernels to kernels/ when installed (setup.py's package_dir). From a plain source
@@ -88,42 +126,74 @@ EOF
         | tee -a "$SUMMARY"
 fi
 
-# ---------------------------------------------------------------------------------------------- steps
-step env 20 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, \
+# Sizes: the GPU run's, or tiny ones on the CPU through Triton's interpreter for --dry-run.
+if [ "$DRY" = 1 ]; then
+    export TRITON_INTERPRET=1
+    DEV=cpu
+    LOSS_ARGS=(--batch 64 --iters 2 --warmup 1 --skip-compile)
+    SWEEP_ARGS=(--batch 16 --iters 1 --warmup 1)
+    LOADER_ARGS=(--device cpu --sizes 32 --batch-size 4 --batches 1 --n 12 --src 48 --paths cpu)
+    TRAIN_ARGS=(--device cpu --trunk small --image-size 32 --batch-size 4 --amp none --steps 1 --warmup 1
+        --synth-size tiny --synth-image-size 32 --num-workers 0 --channels-last off)
+    ENV_CMD="$PY -c 'import torch, triton; print(torch.__version__, triton.__version__); \
+from fbn_fast.losses import available_backends; print(available_backends(\"cpu\"))'"
+else
+    DEV=cuda
+    LOSS_ARGS=(--batch 4096 1048576 --iters 20)
+    SWEEP_ARGS=(--skip-compile --batch 4096 1048576 --iters 10)
+    LOADER_ARGS=(--device cuda --sizes 112 224)
+    TRAIN_ARGS=(--device cuda --trunk resnet50 --image-size 112 --batch-size 256 --amp bf16 --channels-last on
+        --synth-size tiny --synth-image-size 128 --num-workers 8)
+    ENV_CMD="nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, \
 triton.__version__, torch.cuda.get_device_name(0)); from fbn_fast.losses import available_backends; \
 print(available_backends(\"cuda\"))'"
+fi
+echo "python: $(command -v "$PY"); dry run: $DRY; budget $((BUDGET * SCALE))s; output: $OUT" | tee -a "$SUMMARY"
 
-# Native objective: build the CPU and CUDA extension in place (sm_90 only, to keep the build short).
-step build_native 240 env FBN_FAST_CUDA=1 FBN_FAST_CUDA_ARCH=90 FBN_FAST_REQUIRE_EXT=1 "$PY" setup.py build_ext --inplace
+# ---------------------------------------------------------------------------------------------- steps
+# Correctness first.
+step env 20 bash -c "$ENV_CMD"
 
 # Fused Triton objective: correctness, one launch, determinism, CUDA graphs, torch.compile, autocast.
-step test_triton 150 "$PY" -m pytest -m gpu tests/test_triton_objective.py -q -rA \
-    --junitxml="$OUT/test_triton.xml"
+step test_triton 90 "$PY" -m pytest -m gpu tests/test_triton_objective.py -q -rA --junitxml="$OUT/test_triton.xml"
 
-# Native CUDA objective, built and NVRTC paths, against the reference.
-step test_native 120 "$PY" -m pytest -m gpu tests/test_native_objective.py -q -rA --junitxml="$OUT/test_native.xml"
-
-# Loss benchmark: eager reference, torch.compile (default, reduce-overhead) and every fused backend at
-# B = 4096, 1,048,576, 256, 65,536 (JSON rewritten after each measurement), with kernel counts, peak memory
-# and the byte floor.
-step bench_loss 180 "$PY" profiling/bench_loss.py --device cuda --iters 30 --out "$OUT/bench_loss-cuda.json"
+# Native objective: build the CPU and CUDA extension in place (sm_90 only, to keep the build short), then its
+# built and NVRTC paths against the reference.
+step build_native 90 --cuda env FBN_FAST_CUDA=1 FBN_FAST_CUDA_ARCH=90 FBN_FAST_REQUIRE_EXT=1 "$PY" setup.py \
+    build_ext --inplace
+step test_native 60 "$PY" -m pytest -m gpu tests/test_native_objective.py -q -rA --junitxml="$OUT/test_native.xml"
 
 # Every other GPU test of the suite.
-step test_gpu_rest 60 "$PY" -m pytest -m gpu tests -q -rA --ignore=tests/test_triton_objective.py \
+step test_gpu_rest 40 "$PY" -m pytest -m gpu tests -q -rA --ignore=tests/test_triton_objective.py \
     --ignore=tests/test_native_objective.py --junitxml="$OUT/test_gpu_rest.xml"
 
-# Input pipeline (nvJPEG through torchvision where it imports) and training throughput (ResNet-50, 112 px,
-# bf16, channels-last: trunk-only against end to end).
-step bench_loader 90 "$PY" profiling/bench_loader.py --device cuda --sizes 112 224 --out "$OUT/bench_loader-cuda.json"
-step bench_train 150 "$PY" profiling/bench_train.py --device cuda --trunk resnet50 --image-size 112 --batch-size 256 \
-    --amp bf16 --channels-last on --synth-size tiny --synth-image-size 128 --num-workers 8 \
-    --out "$OUT/bench_train-cuda.json"
+# Benchmarks. Loss: eager reference, torch.compile and every fused backend, with kernel counts, peak memory
+# and the byte floor (the JSON is rewritten after each measurement, so a cut-short run keeps what it measured).
+step bench_loss 80 "$PY" profiling/bench_loss.py --device "$DEV" "${LOSS_ARGS[@]}" --out "$OUT/bench_loss-$DEV.json"
 
-# Triton launch plans (rows per block, warps, stages, fused or split) at B = 4096 and 1,048,576.
-step bench_loss_sweep 60 "$PY" profiling/bench_loss.py --device cuda --skip-compile --batch 4096 1048576 \
-    --iters 10 --triton-sweep --out "$OUT/bench_loss_sweep-cuda.json"
+# Training throughput (ResNet-50, 112 px, bf16, channels-last: trunk-only against end to end), then the input
+# pipeline (nvJPEG through torchvision where it imports).
+step bench_train 60 "$PY" profiling/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/bench_train-$DEV.json"
+step bench_loader 20 "$PY" profiling/bench_loader.py "${LOADER_ARGS[@]}" --out "$OUT/bench_loader-$DEV.json"
 
-# Only a few files come back from a lent machine: pack the logs and XML, keep the JSON and the summary beside.
+# Last: the Triton launch plans (rows per block, warps, stages, fused or split).
+step bench_loss_sweep 20 "$PY" profiling/bench_loss.py --device "$DEV" "${SWEEP_ARGS[@]}" --triton-sweep \
+    --out "$OUT/bench_loss_sweep-$DEV.json"
+
+# The summary as JSON too, then only a few files come back from a lent machine: pack the logs and XML.
+"$PY" - "$STEPS_TSV" "$OUT/gpu_check.json" "$BUDGET" "$DRY" "$SECONDS" << 'EOF'
+import json
+import sys
+
+tsv, out, budget, dry, seconds = sys.argv[1:]
+steps = [dict(zip(("name", "limit_s", "status", "seconds"), line.rstrip("\n").split("\t")))
+         for line in open(tsv) if line.strip()]
+for s in steps:
+    s["limit_s"], s["seconds"] = int(s["limit_s"]), int(s["seconds"])
+json.dump({"budget_s": int(budget), "dry_run": dry == "1", "limits_scaled_by": 4 if dry == "1" else 1, "seconds": int(seconds), "steps": steps},
+          open(out, "w"), indent=1)
+EOF
+rm -f "$STEPS_TSV"
 tar czf "$OUT/logs.tar.gz" -C "$OUT" --exclude=logs.tar.gz --exclude='*.json' --exclude=summary.txt \
     --exclude=.pyshim . 2>/dev/null && find "$OUT" -maxdepth 1 \( -name '*.log' -o -name '*.xml' \) -delete
 
