@@ -9,6 +9,10 @@ total with respect to ``z_e``, ``z_a`` and ``v`` (``torch.autograd.grad``, so no
 * every fused backend that ``fbn_fast.losses.available_backends(device)`` reports available (``triton``,
   ``cuda``, ``cpu``, ...).
 
+Before timing, each implementation's total and gradients at each B are held to the float64 reference with the
+tolerance rule of the loss test kit (``tests/objective_cases.py``, which also builds the batches): a row records
+``error_vs_reference`` (the worst error over the allowed one; at most 1 passes), so a fast wrong backend shows.
+
 Timing: CUDA events on a GPU (the stream drained before each step, so a step's time includes its launch and
 Python overhead), ``time.perf_counter`` on CPU; warm-up first, then the median of many steps. On a GPU also:
 the kernels one step launches (torch.profiler, the incoming gradient made beforehand; for the fused backends
@@ -45,9 +49,13 @@ from fbn_fast import relatedness
 from fbn_fast.losses import LossWeights, available_backends, face_behavior_loss
 from fbn_fast.machine import cpu_model
 
+# The loss test kit lives with the tests (it is test code, not shipped in the wheel) and this script runs from a
+# source checkout: its folder on the path gives both the same builders, reference and tolerance.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from objective_cases import LABELS, LOGITS, Case, Outputs, error_ratio, make_inputs, pytorch_float32, reference  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LABELS = ("expr", "expr_mask", "au", "au_mask", "va", "va_mask")
 BASELINES = ("eager", "compile", "compile-ro")
 
 
@@ -67,26 +75,26 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-def make_inputs(b: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
-    """Logits and labels shaped like a mixed training batch (every task partly labelled)."""
-    g = torch.Generator().manual_seed(seed)
-    c, k = 7, 17
-    rand = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    case = {
-        "z_e": torch.randn(b, c, generator=g) * 2,
-        "z_a": torch.randn(b, k, generator=g) * 2,
-        "v": torch.randn(b, 2, generator=g).tanh(),
-        "expr": torch.randint(0, c, (b,), generator=g),
-        "expr_mask": rand(b) < 0.6,
-        "au": (rand(b, k) < 0.3).float(),
-        "au_mask": rand(b, k) < 0.4,
-        "va": rand(b, 2) * 2 - 1,
-        "va_mask": rand(b) < 0.4,
-    }
-    out = {n: t.to(device) for n, t in case.items()}
-    for n in ("z_e", "z_a", "v"):
-        out[n] = out[n].to(dtype).requires_grad_()
-    return out
+def training_batch(b: int, rel: torch.Tensor, seed: int = 0) -> Case:
+    """The kit's batch shaped like a mixed training batch (every task partly labelled), with the prior table."""
+    inputs = make_inputs(b, seed=seed, p_expr=0.6, p_au=0.4, p_va=0.4, au_rate=0.3)
+    return Case({**inputs, "relatedness": rel.cpu(), "va_means": None})
+
+
+def step_inputs(case: Case, dtype: torch.dtype, device: torch.device) -> dict:
+    """Logits (leaves that require grad) and labels of ``case`` on ``device``."""
+    inputs = case.at(dtype, device)
+    for n in LOGITS:
+        inputs[n].requires_grad_()
+    return {n: inputs[n] for n in (*LOGITS, *LABELS)}
+
+
+def error_vs_reference(fn: Callable, inputs: dict, case: Case, dtype: torch.dtype) -> float:
+    """The worst error of ``fn``'s total and gradients over the kit's allowed error against the float64 reference."""
+    z = [inputs[n] for n in LOGITS]
+    total = fn(*z, *(inputs[n] for n in LABELS))
+    got = Outputs(total.detach().float()[None], *torch.autograd.grad(total, z))
+    return max(error_ratio(got, case, dtype, str(z[0].device)).values())
 
 
 def op_bytes(case: dict) -> int:
@@ -169,7 +177,7 @@ def loss_fn(backend: str, rel: torch.Tensor) -> Callable:
 
 
 def make_step(fn: Callable, case: dict, mark_step: bool = False, backward: bool = True) -> Callable[[], object]:
-    z = [case[n] for n in ("z_e", "z_a", "v")]
+    z = [case[n] for n in LOGITS]
     labels = [case[n] for n in LABELS]
     # The incoming gradient of the total, made once: in training it comes from the caller (a scaler, a sum of
     # losses), so its fill kernel is not the loss's.
@@ -191,7 +199,7 @@ def candidates(device: torch.device, rel: torch.Tensor, skip_compile: bool) -> d
         impls["compile-ro"] = torch.compile(loss_fn("torch", rel), mode="reduce-overhead", fullgraph=True,
                                             dynamic=False)
     for name, why in available_backends(device).items():
-        if name != "torch" and why == "available":
+        if name != "torch" and why.startswith("available"):  # on CUDA: "available (<launch mode>)"
             impls[name] = loss_fn(name, rel)
     return impls
 
@@ -205,8 +213,8 @@ def triton_sweep(batches: list[int], dtype: torch.dtype, device: torch.device, r
              dict(num_stages=2), dict(use_dot=True), dict(split=True)]
     out = []
     for b in batches:
-        case = make_inputs(b, dtype, device)
-        args = [case[n].detach() for n in ("z_e", "z_a", "v")] + [case[n] for n in LABELS]
+        case = step_inputs(training_batch(b, rel), dtype, device)
+        args = [case[n].detach() for n in LOGITS] + [case[n] for n in LABELS]
         for plan in plans:
             step = lambda plan=plan, args=args: kobj.triton_objective(  # noqa: E731
                 *args, rel, None, (1.0,) * 6, 1.0, 0.05, **plan)
@@ -283,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(result, indent=1))
 
     for b in batches:
-        case = make_inputs(b, dtype, device)
+        batch = training_batch(b, rel)
+        case = step_inputs(batch, dtype, device)
         floor_ms = op_bytes(case) / bandwidth * 1e3 if bandwidth else None
         for name, fn in impls.items():
             step = make_step(fn, case, mark_step=name == "compile-ro")
@@ -293,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 step()  # compiles what needs compiling
                 row["first_call_s"] = round(time.perf_counter() - t0, 3)
+                if name == "compile-ro":
+                    torch.compiler.cudagraph_mark_step_begin()
+                row["error_vs_reference"] = round(error_vs_reference(fn, case, batch, dtype), 4)
                 times = time_step(step, device, iters, args.warmup)
                 row.update(median_ms=statistics.median(times), min_ms=min(times),
                            p90_ms=sorted(times)[int(0.9 * (len(times) - 1))], iters=len(times))
@@ -310,8 +322,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             save()
             shown = f"{row['median_ms']:.4f} ms" if "median_ms" in row else row["error"]
+            if "error_vs_reference" in row:
+                shown += f" (error/allowed vs float64 reference {row['error_vs_reference']:.3g})"
             print(f"B={b:>8} {name:>11}: {shown}", flush=True)
-        del case
+        reference.cache_clear()
+        pytorch_float32.cache_clear()
+        del case, batch
 
     print_table(rows)
     if args.triton_sweep and "triton" in impls:

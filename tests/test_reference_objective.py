@@ -1,12 +1,27 @@
 """The reference objective (backend ``torch``) and its closed-form twin, against hand computations."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from objective_cases import (
+    CASES,
+    LABELS,
+    LOGITS,
+    TABLES,
+    Case,
+    Outputs,
+    assert_matches,
+    call,
+    make_inputs,
+    masks_off,
+    reference,
+    with_garbage,
+)
 
 from fbn_fast import FaceBehaviorLoss, LossWeights, available_backends, face_behavior_loss
 from fbn_fast import relatedness as R
@@ -15,32 +30,17 @@ from fbn_fast.losses.analytic import analytic_terms_and_grads
 from fbn_fast.losses.op import objective
 from fbn_fast.losses.reference import reference_terms
 
-
-def make_batch(b=6, c=7, k=17, seed=0, dtype=torch.float64, scale=2.0, p_label=0.5):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        z_e=(torch.randn(b, c, generator=g, dtype=torch.float64) * scale).to(dtype),
-        z_a=(torch.randn(b, k, generator=g, dtype=torch.float64) * scale).to(dtype),
-        v=torch.randn(b, 2, generator=g, dtype=torch.float64).tanh().to(dtype),
-        expr=torch.randint(0, c, (b,), generator=g),
-        expr_mask=torch.rand(b, generator=g) < p_label,
-        au=(torch.rand(b, k, generator=g) < 0.5).double(),
-        au_mask=torch.rand(b, k, generator=g) < p_label,
-        va=torch.rand(b, 2, generator=g, dtype=torch.float64) * 2 - 1,
-        va_mask=torch.rand(b, generator=g) < 0.7,
-        relatedness=torch.rand(c, k, generator=g, dtype=torch.float64),
-        va_means=torch.rand(c, 2, generator=g, dtype=torch.float64) - 0.5,
-    )
+F64 = torch.float64
 
 
-def terms_of(batch, **kw):
-    out = face_behavior_loss(**batch, backend="torch", **kw)
-    return out.total, {k: float(v) for k, v in out.terms.items()}
+def terms_of(inputs: dict, **kw) -> dict[str, float]:
+    """The reference's terms by name."""
+    return dict(zip(("total", *TERMS), call("torch", inputs, **kw).terms.tolist()))
 
 
 def test_gradcheck_float64():
-    batch = make_batch(b=5, c=4, k=6)
-    z = [batch.pop(n).requires_grad_() for n in ("z_e", "z_a", "v")]
+    batch = make_inputs(5, 4, 6)
+    z = [batch.pop(n).requires_grad_() for n in LOGITS]
 
     def fn(z_e, z_a, v):
         return face_behavior_loss(z_e, z_a, v, **batch, temperature=0.7, backend="torch").total
@@ -119,67 +119,59 @@ def test_co_annotation_by_hand():
 
 
 def test_matching_terms_zero_exactly_when_distributions_agree():
-    batch = make_batch(b=8, c=5, k=9, seed=3)
-    rs = batch["relatedness"].clamp(0.05, 0.95)
+    batch = make_inputs(8, 5, 9, seed=3)
+    rs = batch["relatedness"].double().clamp(0.05, 0.95)
     p = torch.softmax(batch["z_e"], 1)
     # s = p·Rs  ->  dm_ea = 0
     batch["z_a"] = torch.logit(p @ rs)
-    assert terms_of(batch)[1]["dm_ea"] == pytest.approx(0.0, abs=1e-12)
+    assert terms_of(batch)["dm_ea"] == pytest.approx(0.0, abs=1e-12)
     # p = softmax(ℓ(s)) -> dm_ae = 0
     s = torch.sigmoid(batch["z_a"])
     ell = s @ (rs.log() - torch.log1p(-rs)).T + torch.log1p(-rs).sum(1)
     batch["z_e"] = ell
-    t = terms_of(batch)[1]
+    t = terms_of(batch)
     assert t["dm_ae"] == pytest.approx(0.0, abs=1e-12)
     assert t["dm_ea"] > 1e-4  # p moved, so the other matching term no longer vanishes
     # v = p·μ -> dm_ev = 0
-    batch["v"] = torch.softmax(batch["z_e"], 1) @ batch["va_means"]
-    assert terms_of(batch)[1]["dm_ev"] == pytest.approx(0.0, abs=1e-15)
+    batch["v"] = torch.softmax(batch["z_e"], 1) @ batch["va_means"].double()
+    assert terms_of(batch)["dm_ev"] == pytest.approx(0.0, abs=1e-15)
     batch["v"] = batch["v"] + 0.1
-    assert terms_of(batch)[1]["dm_ev"] == pytest.approx(0.5 * 2 * 0.01)
+    assert terms_of(batch)["dm_ev"] == pytest.approx(0.5 * 2 * 0.01)
 
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), b=st.integers(1, 9), c=st.integers(2, 8), k=st.integers(1, 12))
 def test_masked_labels_change_nothing(seed, b, c, k):
-    batch = make_batch(b, c, k, seed)
-    base = terms_of(batch)[1]
-    g = torch.Generator().manual_seed(seed + 1)
-    changed = dict(batch)
-    changed["expr"] = torch.where(batch["expr_mask"], batch["expr"], torch.randint(-5, 50, (b,), generator=g))
-    changed["au"] = torch.where(batch["au_mask"], batch["au"], torch.full((b, k), float("nan")))
-    changed["va"] = torch.where(batch["va_mask"][:, None], batch["va"], torch.full((b, 2), 7.0, dtype=torch.float64))
-    after = terms_of(changed)[1]
-    for name in TERMS:
-        assert after[name] == pytest.approx(base[name], rel=1e-12, abs=1e-12), name
+    batch = make_inputs(b, c, k, seed=seed)
+    base = terms_of(batch)
+    for i, fill in enumerate((float("nan"), 7.0, None)):
+        assert terms_of(with_garbage(batch, seed=seed + 1 + i, fill=fill)) == base, fill
 
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), b=st.integers(1, 9))
 def test_batch_permutation_changes_nothing(seed, b):
-    batch = make_batch(b, 7, 17, seed)
+    batch = make_inputs(b, seed=seed)
     perm = torch.randperm(b, generator=torch.Generator().manual_seed(seed))
-    permuted = {k: (v[perm] if v.shape[:1] == (b,) and k not in ("relatedness", "va_means") else v)
-                for k, v in batch.items()}
-    t1, t2 = terms_of(batch)[1], terms_of(permuted)[1]
-    for name in TERMS:
+    permuted = {k: (v if k in TABLES else v[perm]) for k, v in batch.items()}
+    t1, t2 = terms_of(batch), terms_of(permuted)
+    for name in TERMS:  # sums in another order: float64 rounding
         assert t2[name] == pytest.approx(t1[name], rel=1e-10, abs=1e-12), name
 
 
 @pytest.mark.parametrize("weight", ["expr", "au", "va", "ca", "dm", "ev"])
 def test_zero_weight_removes_term_and_its_gradient(weight):
-    batch = make_batch(b=7, seed=11)
+    batch = make_inputs(7, seed=11)
     owned = {"expr": ["expr"], "au": ["au"], "va": ["va"], "ca": ["ca_ea", "ca_ae"], "dm": ["dm_ea", "dm_ae"],
              "ev": ["dm_ev"]}[weight]
-    z = [batch.pop(n).requires_grad_() for n in ("z_e", "z_a", "v")]
+    z = [batch.pop(n).requires_grad_() for n in LOGITS]
     full = face_behavior_loss(*z, **batch, backend="torch")
     off = face_behavior_loss(*z, **batch, weights={weight: 0.0}, backend="torch")
     removed = sum(float(full.terms[t]) for t in owned)
     assert float(full.total.detach() - off.total.detach()) == pytest.approx(removed, rel=1e-12)
     # The gradient of the weighted-off loss equals the gradient of the other terms alone.
     g_off = torch.autograd.grad(off.total, z, allow_unused=True)
-    rest = reference_terms(*z, *(batch[n] for n in ("expr", "expr_mask", "au", "au_mask", "va", "va_mask",
-                                                     "relatedness", "va_means")))
+    rest = reference_terms(*z, *(batch[n] for n in (*LABELS, *TABLES)))
     others = sum(rest[1 + TERMS.index(t)] for t in TERMS if t not in owned)
     g_rest = torch.autograd.grad(others, z, allow_unused=True)
     for a, b in zip(g_off, g_rest):
@@ -187,100 +179,65 @@ def test_zero_weight_removes_term_and_its_gradient(weight):
 
 
 def test_empty_terms_are_zero_not_nan():
-    batch = make_batch(b=4)
-    for m in ("expr_mask", "au_mask", "va_mask"):
-        batch[m] = torch.zeros_like(batch[m])
-    z = [batch.pop(n).requires_grad_() for n in ("z_e", "z_a", "v")]
-    out = face_behavior_loss(*z, **batch, backend="torch")
+    out = reference(CASES["all masked"])  # every label garbage under a false mask
     for name in ("expr", "au", "va", "ca_ea", "ca_ae"):
-        assert float(out.terms[name]) == 0.0
-    out.total.backward()
-    assert all(torch.isfinite(t.grad).all() for t in z)
-
-
-def test_extreme_logits_finite():
-    batch = make_batch(b=6, seed=5)
-    batch["z_e"] = torch.where(torch.rand(6, 7) < 0.5, 80.0, -80.0).double()
-    batch["z_a"] = torch.where(torch.rand(6, 17) < 0.5, 80.0, -80.0).double()
-    z = [batch.pop(n).requires_grad_() for n in ("z_e", "z_a", "v")]
-    out = face_behavior_loss(*z, **batch, backend="torch")
-    out.total.backward()
-    assert torch.isfinite(out.total) and all(torch.isfinite(t.grad).all() for t in z)
+        assert float(out.terms[1 + TERMS.index(name)]) == 0.0
+    assert all(torch.isfinite(g).all() for g in out[1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_computed_in_float32(dtype):
-    batch = make_batch(b=16, seed=2, dtype=dtype)
-    out = face_behavior_loss(**batch, backend="torch")
-    assert out.total.dtype == torch.float32
-    exact = make_batch(b=16, seed=2)
-    exact.update({n: batch[n].double() for n in ("z_e", "z_a", "v")})
-    ref = face_behavior_loss(**exact, backend="torch")
-    assert float(out.total) == pytest.approx(float(ref.total), rel=1e-5)
+    # Accuracy against float64 is the kit's (tests/test_objective_backends.py); here the dtypes of the results.
+    out = call("torch", CASES["face 7x17"].at(dtype))
+    assert out.terms.dtype == torch.float32 and all(g.dtype == dtype for g in out[1:])
 
 
 @pytest.mark.parametrize("case", range(6))
 def test_closed_form_gradients_match_autograd(case):
     b, c, k = [(1, 7, 17), (5, 7, 17), (33, 3, 5), (8, 12, 40), (4, 2, 1), (9, 64, 64)][case]
-    batch = make_batch(b, c, k, seed=case, scale=[2, 2, 2, 2, 2, 40][case])
+    inputs = make_inputs(b, c, k, seed=case, scale=[2, 2, 2, 2, 2, 40][case])
     if case == 2:
-        batch["expr_mask"][:] = False
-        batch["au_mask"][:] = False
+        inputs = masks_off(inputs, seed=case)
     w = (1.0, 0.5, 2.0, 1.3, 0.7, 1.1)
-    z = [batch[n].clone().requires_grad_() for n in ("z_e", "z_a", "v")]
-    rest = [batch[n] for n in ("expr", "expr_mask", "au", "au_mask", "va", "va_mask", "relatedness", "va_means")]
-    ref = reference_terms(*z, *rest, w, 1.7, 0.05)
-    g_ref = torch.autograd.grad(ref[0], z)
-    total, terms, *grads = analytic_terms_and_grads(*[batch[n] for n in ("z_e", "z_a", "v")], *rest, w, 1.7, 0.05)
-    torch.testing.assert_close(terms.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    probe = Case(inputs, weights=w, temperature=1.7)
+    total, terms, *grads = analytic_terms_and_grads(*probe.args(F64), w, 1.7, probe.eps)
     assert torch.equal(total, terms[0]) and total.data_ptr() != terms.data_ptr()
-    for a, g in zip(grads, g_ref):
-        torch.testing.assert_close(a, g, rtol=1e-10, atol=1e-12)
+    assert_matches(Outputs(terms, *grads), probe, F64)
 
 
 def test_fused_op_torch_impl_backward_scales_stored_gradient():
-    batch = make_batch(b=6, seed=9)
-    z = [batch.pop(n).requires_grad_() for n in ("z_e", "z_a", "v")]
-    rest = [batch[n] for n in ("expr", "expr_mask", "au", "au_mask", "va", "va_mask", "relatedness", "va_means")]
-    total, terms, *_ = objective(*z, *rest, [1.0] * 6, 1.0, 0.05, "torch")
+    case = CASES["face 7x17"]
+    args = case.args(F64)
+    z, rest = [t.requires_grad_() for t in args[:3]], args[3:]
+    total, terms, *_ = objective(*z, *rest, [1.0] * 6, 1.0, case.eps, "torch")
     assert torch.equal(total, terms[0])
     (3.0 * total).backward()
-    got = [t.grad.clone() for t in z]
-    ref = reference_terms(*z, *rest)
-    expected = torch.autograd.grad(3.0 * ref[0], z)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b)
+    assert_matches(Outputs(terms[:1], *(t.grad / 3.0 for t in z)), case, F64)
 
 
 def test_fused_op_compiles_fullgraph_on_cpu():
-    batch = make_batch(b=6, seed=4, dtype=torch.float32)
-    batch = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
-    rest = [batch[n] for n in ("expr", "expr_mask", "au", "au_mask", "va", "va_mask", "relatedness", "va_means")]
+    case = CASES["T=0.6"]
+    inputs = case.at(torch.float32)
+    rest = [inputs[n] for n in (*LABELS, *TABLES)]
 
     def step(z_e, z_a, v):
-        return objective(z_e, z_a, v, *rest, [1.0] * 6, 1.0, 0.05, "torch")[0]
+        return objective(z_e, z_a, v, *rest, list(case.weights), case.temperature, case.eps, "torch")[0]
 
-    z = [batch[n].clone().requires_grad_() for n in ("z_e", "z_a", "v")]
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    out = compiled(*z)
+    z = [inputs[n].requires_grad_() for n in LOGITS]
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(*z)
     out.backward()
-    z2 = [batch[n].clone().requires_grad_() for n in ("z_e", "z_a", "v")]
-    ref = reference_terms(*z2, *rest)[0]
-    ref.backward()
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(z, z2):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_matches(Outputs(out[None], *(t.grad for t in z)), case, torch.float32)
 
 
 def test_module_matches_functional_and_reports_backends():
     rel = R.prior()
     loss = FaceBehaviorLoss(rel, weights=LossWeights(dm=0.5), temperature=2.0, backend="torch")
-    batch = make_batch(b=5, seed=1, dtype=torch.float32)
+    batch = CASES["face 7x17"].at(torch.float32)
     batch.pop("relatedness")
     batch.pop("va_means")
     a = loss(**batch)
     b = face_behavior_loss(**batch, relatedness=rel.tensor(), weights={"dm": 0.5}, temperature=2.0, backend="torch")
-    torch.testing.assert_close(a.total, b.total)
+    torch.testing.assert_close(a.total, b.total, rtol=0, atol=0)  # the same computation
     report = available_backends("cpu")
     assert report["torch"] == "available" and set(report) == {"torch", "triton", "cpu", "cuda"}
     assert resolve_backend("auto", "cpu") in {"cpu", "torch"}
@@ -297,18 +254,11 @@ def test_module_matches_functional_and_reports_backends():
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_public_api_compiles_fullgraph(backend):
-    batch = make_batch(b=16, seed=6, dtype=torch.float32)
-    batch = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
-    z = [batch.pop(n).requires_grad_() for n in ("z_e", "z_a", "v")]
+    case = replace(CASES["face 7x17"], weights=(1.0,) * 6)
+    batch = case.at(torch.float32)
+    z = [batch.pop(n).requires_grad_() for n in LOGITS]
     compiled = torch.compile(lambda *zz: face_behavior_loss(*zz, **batch, backend=backend).total,
                              fullgraph=True, backend="aot_eager")
     out = compiled(*z)
     out.backward()
-    got = [t.grad.clone() for t in z]
-    for t in z:
-        t.grad = None
-    ref = face_behavior_loss(*z, **batch, backend="torch").total
-    ref.backward()
-    torch.testing.assert_close(out.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
-    for a, t in zip(got, z):
-        torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-6)
+    assert_matches(Outputs(out.detach()[None], *(t.grad for t in z)), case, torch.float32)
