@@ -41,21 +41,22 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import unwrap_model
-from .config import check_options, renamed_keywords
+from .config import renamed_keywords
 from .inference import (
     HiddenTruth,
+    TrainedModel,
     add_compound_options,
     add_inference_options,
     as_manifest,
+    command_parser,
     compound_scorer,
     image_root,
     iter_outputs,
-    load_trained,
     model_normalization,
     open_loader,
     resolve_amp_dtype,
     resolve_device,
-    save_result,
+    run_manifest_command,
 )
 from .labels import AUS, NUM_AUS, NUM_EXPRESSIONS, au_index
 from .metrics import MultiDatasetMetrics
@@ -332,13 +333,8 @@ SHARED_OPTIONS = ("data_root", "datasets", "batch_size", "image_size", "device",
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m fbn_fast.evaluate``."""
-    p = argparse.ArgumentParser(
-        prog="python -m fbn_fast.evaluate",
-        description="Per-dataset metrics (method.md §5) of a checkpoint on a manifest, zero-shot compounds, and "
-                    "scores on unlabelled tasks when the hidden truth is available.",
-    )
-    p.add_argument("checkpoint", help="a checkpoint written by python -m fbn_fast.train, or its run folder (its "
-                   "best.pt, the best on validation, else the latest checkpoint)")
+    p = command_parser("evaluate", "Per-dataset metrics (method.md §5) of a checkpoint on a manifest, zero-shot "
+                       "compounds, and scores on unlabelled tasks when the hidden truth is available.")
     p.add_argument("manifest", help="the manifest (.npz) to evaluate on")
     p.add_argument("--split", default="test", help="manifest split to score (default: test)")
     add_inference_options(p, SHARED_OPTIONS)
@@ -355,16 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_options({n: getattr(args, n) for n in SHARED_OPTIONS})
+
+    def check() -> None:
         if not 0 < args.threshold < 1:
             raise ValueError(f"--threshold must lie in (0, 1), got {args.threshold}")
         if not args.temperature > 0:
             raise ValueError(f"--temperature must be > 0, got {args.temperature}")
-        trained = load_trained(args.checkpoint, args.device)
-        manifest = Path(args.manifest)
-        result = evaluate(
-            trained.model, manifest, args.data_root, split=args.split,
+
+    def score(trained: TrainedModel) -> dict[str, Any]:
+        return evaluate(
+            trained.model, Path(args.manifest), args.data_root, split=args.split,
             datasets=[d for arg in args.datasets for d in arg.split(",") if d] or None,
             batch_size=args.batch_size, image_size=args.image_size or trained.image_size, device=trained.device,
             amp_dtype=args.amp_dtype, loader_backend=args.loader_backend, num_workers=args.num_workers,
@@ -372,13 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_datasets=trained.train_datasets, compound_classes=args.compound_classes, beta=args.beta,
             temperature=args.temperature, au_threshold=args.threshold,
         )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    result.update(checkpoint=str(trained.path), manifest=str(args.manifest))
-    save_result(result, args.json)
-    print(format_report(result))
-    return 0
+
+    return run_manifest_command(args, SHARED_OPTIONS, check, score, format_report)
 
 
 if __name__ == "__main__":

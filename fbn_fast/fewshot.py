@@ -32,21 +32,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compound import FewShotCompoundHead, fit_few_shot
-from .config import check_options, renamed_keywords
+from .config import renamed_keywords
 from .inference import (
+    TrainedModel,
     add_compound_options,
     add_inference_options,
     as_manifest,
     autocast,
+    command_parser,
     compound_scorer,
     image_root,
     iter_outputs,
-    load_trained,
     model_normalization,
     open_loader,
     resolve_amp_dtype,
     resolve_device,
-    save_result,
+    run_manifest_command,
 )
 from .labels import MISSING
 from .metrics import CompoundMeter
@@ -264,13 +265,8 @@ SHARED_OPTIONS = ("data_root", "batch_size", "image_size", "device", "amp_dtype"
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m fbn_fast.fewshot``."""
-    p = argparse.ArgumentParser(
-        prog="python -m fbn_fast.fewshot",
-        description="Few-shot compound expressions (method.md §4): fine-tune the zero-shot-initialised compound "
-                    "head on K images per class and compare with zero-shot on the remaining images.",
-    )
-    p.add_argument("checkpoint", help="a checkpoint written by python -m fbn_fast.train, or its run folder (its "
-                   "best.pt, the best on validation, else the latest checkpoint)")
+    p = command_parser("fewshot", "Few-shot compound expressions (method.md §4): fine-tune the zero-shot-initialised "
+                       "compound head on K images per class and compare with zero-shot on the remaining images.")
     p.add_argument("manifest", help="a manifest with compound labels (.npz)")
     p.add_argument("--shots", type=int, required=True, help="labelled images per compound class (K)")
     p.add_argument("--finetune-trunk", action="store_true", help="fine-tune the whole network with the head")
@@ -291,17 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_options({n: getattr(args, n) for n in SHARED_OPTIONS})
+
+    def check() -> None:
         for name in ("steps", "epochs"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if not args.lr > 0:
             raise ValueError(f"--lr must be > 0, got {args.lr}")
-        trained = load_trained(args.checkpoint, args.device)
-        manifest = Path(args.manifest)
-        result = few_shot(
-            trained.model, manifest, args.data_root, args.shots, split=args.split,
+
+    def score(trained: TrainedModel) -> dict[str, Any]:
+        return few_shot(
+            trained.model, Path(args.manifest), args.data_root, args.shots, split=args.split,
             seed=args.seed, finetune_trunk=args.finetune_trunk, steps=args.steps, lr=args.lr,
             weight_decay=args.weight_decay, epochs=args.epochs, trunk_lr=args.trunk_lr,
             use_expressions=args.use_expressions, beta=args.beta, temperature=args.temperature,
@@ -309,13 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_size=args.image_size or trained.image_size, device=trained.device, amp_dtype=args.amp_dtype,
             loader_backend=args.loader_backend, num_workers=args.num_workers,
         )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    result.update(checkpoint=str(trained.path), manifest=str(args.manifest))
-    save_result(result, args.json)
-    print(format_report(result))
-    return 0
+
+    return run_manifest_command(args, SHARED_OPTIONS, check, score, format_report)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
   outputs batch by batch);
 - :class:`HiddenTruth`: the complete labels SynthFace keeps beside its published manifest;
 - zero-shot compound classes: :func:`parse_compound_classes` (the ``--compound-classes`` option),
-  :func:`compound_scorer` (a :class:`~fbn_fast.compound.CompoundScorer` for a manifest), :func:`add_compound_options`.
+  :func:`compound_scorer` (a :class:`~fbn_fast.compound.CompoundScorer` for a manifest), :func:`add_compound_options`;
+- the commands' shared pieces: :func:`command_parser` (a parser whose first argument is the checkpoint),
+  :func:`add_inference_options`, :func:`run_manifest_command` (the body of the commands that score a manifest).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .compound import CompoundScorer
-from .config import AMP_DTYPE_ALIASES, TrainConfig, add_config_options, warn_deprecated
+from .config import AMP_DTYPE_ALIASES, TrainConfig, add_config_options, check_options, warn_deprecated
 from .labels import MISSING
 
 if TYPE_CHECKING:
@@ -46,6 +49,7 @@ __all__ = [
     "add_inference_options",
     "as_manifest",
     "autocast",
+    "command_parser",
     "compound_scorer",
     "image_dtype",
     "image_root",
@@ -58,6 +62,7 @@ __all__ = [
     "present_compounds",
     "resolve_amp_dtype",
     "resolve_device",
+    "run_manifest_command",
     "save_result",
 ]
 
@@ -418,3 +423,31 @@ def save_result(result: Mapping[str, Any], path: str | os.PathLike | None) -> No
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
+
+
+def command_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m fbn_fast.<command>``, its first positional argument the checkpoint to load."""
+    p = argparse.ArgumentParser(prog=f"python -m fbn_fast.{command}", description=description)
+    p.add_argument("checkpoint", help="a checkpoint written by python -m fbn_fast.train, or its run folder (its "
+                   "best.pt, the best on validation, else the latest checkpoint)")
+    return p
+
+
+def run_manifest_command(args: argparse.Namespace, shared_options: Sequence[str], check: Callable[[], None],
+                         score: Callable[[TrainedModel], dict[str, Any]],
+                         report: Callable[[dict[str, Any]], str]) -> int:
+    """The body of a command that scores a checkpoint on ``args.manifest``: check train's ``shared_options`` and then
+    ``check()``, load the checkpoint, ``score`` it; the result, with the checkpoint and manifest named, goes to
+    ``--json`` and as ``report`` to stdout. A ``ValueError`` is one ``error:`` line on stderr and exit status 2."""
+    try:
+        check_options({n: getattr(args, n) for n in shared_options})
+        check()
+        trained = load_trained(args.checkpoint, args.device)
+        result = score(trained)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result.update(checkpoint=str(trained.path), manifest=str(args.manifest))
+    save_result(result, args.json)
+    print(report(result))
+    return 0

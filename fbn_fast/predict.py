@@ -46,6 +46,7 @@ from .inference import (
     add_compound_options,
     add_inference_options,
     autocast,
+    command_parser,
     image_dtype,
     load_trained,
     model_normalization,
@@ -367,13 +368,8 @@ SHARED_OPTIONS = ("batch_size", "image_size", "device", "amp_dtype")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m fbn_fast.predict``."""
-    p = argparse.ArgumentParser(
-        prog="python -m fbn_fast.predict",
-        description="Expression, action units, valence/arousal and zero-shot compound expressions of every face "
-                    "in images.",
-    )
-    p.add_argument("checkpoint", help="a checkpoint written by python -m fbn_fast.train, or its run folder (its "
-                   "best.pt, the best on validation, else the latest checkpoint)")
+    p = command_parser("predict", "Expression, action units, valence/arousal and zero-shot compound expressions of "
+                       "every face in images.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or directories of images")
     p.add_argument("--json", action="store_true", help="print JSON (one list of entries) instead of a table")
     p.add_argument("--annotate", default=None, metavar="OUT_DIR",

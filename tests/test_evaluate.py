@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_metrics import assert_same
 from tiny_model import tiny_model
 
 from fbn_fast.compound import CompoundScorer
@@ -92,22 +93,6 @@ def _reference_outputs(model, root, manifest, rows):
     with torch.no_grad():
         out = model(normalize_nhwc(u8, None, None, torch.float32))
     return out[0].double().numpy(), torch.sigmoid(out[1].double()).numpy(), out[2].double().numpy()
-
-
-def assert_same_metrics(got, want, rel):
-    """Equal JSON trees: counts, names and structure exactly, floats to ``rel`` (plus 1e-6 absolute near 0)."""
-    if isinstance(want, dict):
-        assert isinstance(got, dict) and set(got) == set(want), (sorted(got), sorted(want))
-        for k in want:
-            assert_same_metrics(got[k], want[k], rel)
-    elif isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want)
-        for g, w in zip(got, want):
-            assert_same_metrics(g, w, rel)
-    elif isinstance(want, float):
-        assert got == pytest.approx(want, rel=rel, abs=1e-6)
-    else:
-        assert got == want
 
 
 def _ref_class(target, pred):
@@ -230,9 +215,9 @@ def test_cli_writes_the_same_result_and_finds_the_training_manifest(data, tmp_pa
     ref = evaluate(model, data["path"], data["root"], image_size=SIZE, device="cpu", num_workers=0,
                    train_manifest=data["path"], train_datasets=["expr_va", "au_a"])
     # Batches of 8 (CLI) vs 256 (API): the convolutions and the metric sums see other shapes and run in another
-    # order, so floats agree to float32 rounding only (rel 1e-5); counts and decisions must agree exactly.
-    assert_same_metrics(got["datasets"], json.loads(json.dumps(ref["datasets"])), rel=1e-5)
-    assert_same_metrics(got["truth"], json.loads(json.dumps(ref["truth"])), rel=1e-5)
+    # order, so floats agree to float32 rounding only (rel 1e-5, abs 1e-6 near 0); counts and decisions exactly.
+    assert_same(got["datasets"], json.loads(json.dumps(ref["datasets"])), 1e-5, 1e-6)
+    assert_same(got["truth"], json.loads(json.dumps(ref["truth"])), 1e-5, 1e-6)
     assert got["unlabelled_aus"]["aus"] == [AUS[i] for i in NO_LABEL_TRAIN]
     assert got["unlabelled_aus"]["mean_f1"] == pytest.approx(ref["unlabelled_aus"]["mean_f1"], rel=1e-5)
     assert "hidden truth" in printed and "AUs with no training label (12)" in printed

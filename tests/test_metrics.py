@@ -73,20 +73,21 @@ def close(a, b, tol=1e-12):
     return a == pytest.approx(b, rel=tol, abs=tol)
 
 
-def assert_same(a, b, tol=1e-12):
-    """Nested results equal; floats to ``tol`` (float64 sums taken in another order differ in the last bits)."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b)
-        for key in a:
-            assert_same(a[key], b[key], tol)
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y, tol)
-    elif isinstance(a, float):
-        assert close(a, b, tol)
+def assert_same(got, want, tol=1e-12, abs_tol=None):
+    """Nested results (dicts, lists) equal: keys, lengths, counts and names exactly, floats to ``tol`` relative and
+    ``abs_tol`` absolute (default ``tol``): float64 sums taken in another order differ in the last bits."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (sorted(got), sorted(want))
+        for key in want:
+            assert_same(got[key], want[key], tol, abs_tol)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_same(g, w, tol, abs_tol)
+    elif isinstance(want, float) or isinstance(got, float):
+        assert got == pytest.approx(want, rel=tol, abs=tol if abs_tol is None else abs_tol)
     else:
-        assert a == b
+        assert got == want
 
 
 # ---------------------------------------------------------------------------------------------------------------

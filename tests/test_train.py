@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_corpus import option_argv
 
 from fbn_fast import relatedness
 from fbn_fast import train as train_module
@@ -47,15 +48,7 @@ def _argv(synth: Path, out: Path, name: str, **opts) -> list[str]:
             "out_dir": out, "name": name, "batch_size": 16, "trunk_kwargs": '{"width": 8}', "num_workers": 0,
             "steps": 12, "log_every": 1, "ckpt_every": 5, "warmup_steps": 2, "lr": 0.01, "progress": False,
             "evaluate": False, "plots": False, "loss_backend": "torch"}
-    base.update(opts)
-    argv = []
-    for k, v in base.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            argv.append(flag if v else "--no-" + k.replace("_", "-"))
-        else:
-            argv += [flag, str(v)]
-    return argv
+    return option_argv({**base, **opts})
 
 
 def _records(run: Path, kind: str = "train") -> list[dict]:

@@ -6,13 +6,14 @@ The importer tests write three bytes per image (the importers never decode them)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from test_manifest_roots import corpora, touch, write
 
-__all__ = ["corpora", "disfa_tree", "real_jpegs", "train_argv"]
+__all__ = ["corpora", "disfa_tree", "option_argv", "real_jpegs", "train_argv"]
 
 
 def real_jpegs(folder: Path, size: int = 24) -> int:
@@ -41,9 +42,13 @@ def train_argv(manifest: Path, out: Path, name: str, **opts: object) -> list[str
         "eval_batch_size": 8, "trunk_kwargs": '{"width": 4}', "num_workers": 0, "steps": 4, "log_every": 1,
         "ckpt_every": 100, "warmup_steps": 1, "lr": 0.01, "progress": False, "plots": False,
         "loss_backend": "torch", "loader_backend": "cpu"}
-    base.update(opts)
+    return option_argv({**base, **opts})
+
+
+def option_argv(options: Mapping[str, object]) -> list[str]:
+    """Command-line options of ``{field: value}``: ``--field-name VALUE``, a bool as ``--flag`` / ``--no-flag``."""
     argv: list[str] = []
-    for k, v in base.items():
+    for k, v in options.items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
             argv.append(flag if v else "--no-" + k.replace("_", "-"))

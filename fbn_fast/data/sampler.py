@@ -54,7 +54,56 @@ def systematic_counts(weights: np.ndarray, total: int, u: np.ndarray) -> np.ndar
     return counts
 
 
-class MixingBatchSampler:
+class _EpochBatches:
+    """A position ``(epoch, batch)`` in a sequence of ``epoch_size`` batches per epoch, saved and restored by
+    :meth:`state_dict` / :meth:`load_state_dict`; a subclass computes :meth:`batch` from that key alone."""
+
+    #: Attributes saved with the position, which a restored state must match.
+    _MATCHED: tuple[str, ...] = ("world_size", "batch_size", "epoch_size")
+    epoch: int
+    position: int
+    epoch_size: int
+
+    def __len__(self) -> int:
+        return self.epoch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select ``epoch``; the position goes back to its start unless ``epoch`` is the current one (so a loop that
+        calls ``set_epoch`` after :meth:`load_state_dict` resumes mid-epoch)."""
+        if epoch != self.epoch:
+            self.epoch, self.position = int(epoch), 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.position, **{k: getattr(self, k) for k in self._MATCHED}}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"sampler state lacks {missing}")
+        for k in self._MATCHED:
+            if k in state and int(state[k]) != getattr(self, k):
+                raise ValueError(f"sampler state has {k}={state[k]}, this sampler has {getattr(self, k)}")
+        if not 0 <= int(state["batch"]) <= self.epoch_size:
+            raise ValueError(f"sampler state batch {state['batch']} is outside [0, {self.epoch_size}]")
+        self.epoch, self.position = int(state["epoch"]), int(state["batch"])
+
+    def batch(self, epoch: int, b: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while self.position < self.epoch_size:
+            b = self.position
+            self.position += 1
+            yield self.batch(self.epoch, b)
+        self.epoch, self.position = self.epoch + 1, 0  # a completed pass moves on to the next epoch
+
+    def iter_from(self, epoch: int, start: int) -> Iterator[np.ndarray]:
+        """Batches ``start ..`` of ``epoch`` without touching the sampler's own position."""
+        for b in range(start, self.epoch_size):
+            yield self.batch(epoch, b)
+
+
+class MixingBatchSampler(_EpochBatches):
     """Yields per-rank batches (int64 arrays of manifest rows) mixing datasets by ratio.
 
     Args:
@@ -104,44 +153,13 @@ class MixingBatchSampler:
         self._start_cache: tuple[int, np.ndarray] = (0, np.zeros(len(codes), np.int64))
         self._perm_cache: dict[int, dict[int, np.ndarray]] = {}
 
-    # ------------------------------------------------------------------ epoch bookkeeping
-    def __len__(self) -> int:
-        return self.epoch_size
+    _MATCHED = ("seed", *_EpochBatches._MATCHED)  # the draw depends on the seed too
 
+    # ------------------------------------------------------------------ epoch bookkeeping
     def set_epoch(self, epoch: int) -> None:
-        """Select ``epoch``; the position goes back to its start unless ``epoch`` is the current one (so a loop that
-        calls ``set_epoch`` after :meth:`load_state_dict` resumes mid-epoch)."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if epoch != self.epoch:
-            self.epoch, self.position = int(epoch), 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.position, "seed": self.seed, "world_size": self.world_size,
-                "batch_size": self.batch_size, "epoch_size": self.epoch_size}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        missing = [k for k in _STATE_KEYS if k not in state]
-        if missing:
-            raise ValueError(f"sampler state lacks {missing}")
-        for k in ("seed", "world_size", "batch_size", "epoch_size"):
-            if k in state and int(state[k]) != getattr(self, k):
-                raise ValueError(f"sampler state has {k}={state[k]}, this sampler has {getattr(self, k)}")
-        if not 0 <= int(state["batch"]) <= self.epoch_size:
-            raise ValueError(f"sampler state batch {state['batch']} is outside [0, {self.epoch_size}]")
-        self.epoch, self.position = int(state["epoch"]), int(state["batch"])
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        while self.position < self.epoch_size:
-            b = self.position
-            self.position += 1
-            yield self.batch(self.epoch, b)
-        self.epoch, self.position = self.epoch + 1, 0  # a completed pass moves on to the next epoch
-
-    def iter_from(self, epoch: int, start: int) -> Iterator[np.ndarray]:
-        """Batches ``start ..`` of ``epoch`` without touching the sampler's own position."""
-        for b in range(start, self.epoch_size):
-            yield self.batch(epoch, b)
+        super().set_epoch(epoch)
 
     # ------------------------------------------------------------------ the draw
     def _counts(self, epoch: int) -> np.ndarray:
@@ -232,7 +250,7 @@ class MixingBatchSampler:
         return self.global_batch_rows(epoch, b)[self.rank::self.world_size].copy()
 
 
-class ShardedEvalSampler:
+class ShardedEvalSampler(_EpochBatches):
     """Every row exactly once per pass across ranks, in order, without padding; the last batch may be partial.
 
     Rank ``r`` gets rows ``[r * N // W + min(r, N % W) ...)`` (``np.array_split`` shards) cut into batches.
@@ -254,40 +272,7 @@ class ShardedEvalSampler:
         n = len(self.rows)
         self.epoch_size = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __len__(self) -> int:
-        return self.epoch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.position = int(epoch), 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.position, "world_size": self.world_size,
-                "batch_size": self.batch_size, "epoch_size": self.epoch_size}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        missing = [k for k in _STATE_KEYS if k not in state]
-        if missing:
-            raise ValueError(f"sampler state lacks {missing}")
-        for k in ("world_size", "batch_size", "epoch_size"):
-            if k in state and int(state[k]) != getattr(self, k):
-                raise ValueError(f"sampler state has {k}={state[k]}, this sampler has {getattr(self, k)}")
-        if not 0 <= int(state["batch"]) <= self.epoch_size:
-            raise ValueError(f"sampler state batch {state['batch']} is outside [0, {self.epoch_size}]")
-        self.epoch, self.position = int(state["epoch"]), int(state["batch"])
-
     def batch(self, epoch: int, b: int) -> np.ndarray:
         if not 0 <= b < self.epoch_size:
             raise IndexError(f"batch {b} is outside [0, {self.epoch_size})")
         return self.rows[b * self.batch_size:(b + 1) * self.batch_size].copy()
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        while self.position < self.epoch_size:
-            b = self.position
-            self.position += 1
-            yield self.batch(self.epoch, b)
-        self.epoch, self.position = self.epoch + 1, 0  # a completed pass moves on to the next epoch
-
-    def iter_from(self, epoch: int, start: int) -> Iterator[np.ndarray]:
-        for b in range(start, self.epoch_size):
-            yield self.batch(epoch, b)

@@ -73,6 +73,12 @@ class ImportRecord:
         if n:
             self.masked[reason] += int(n)
 
+    def note_names(self, key: str, names: Iterable[str]) -> None:
+        """Add ``names`` to the sorted list ``notes[key]`` (what was passed over, gathered over every file)."""
+        names = set(names)
+        if names:
+            self.notes[key] = sorted(set(self.notes.get(key, [])) | names)
+
     def source(self, path: Path) -> None:
         self.sources.append(relative_to(path, self.root))
 
@@ -259,6 +265,17 @@ class FileIndex:
         return None
 
 
+def find_image(index: FileIndex | None, rel: str, rec: ImportRecord, reason: str = "image missing") -> str | None:
+    """Image ``rel`` as found on disk (see :meth:`FileIndex.find`), ``rel`` itself when files are not checked (no
+    ``index``), or None when it is missing: its row is then dropped, counted under ``reason``."""
+    if index is None:
+        return rel
+    found = index.find(rel)
+    if found is None:
+        rec.drop(reason)
+    return found
+
+
 class FramePattern:
     """A frame path pattern such as ``frames/{subject}/{frame:05d}.jpg`` (relative to the corpus root)."""
 
@@ -275,8 +292,10 @@ class FramePattern:
             raise ValueError(f"{option} {pattern!r} must be relative to the corpus root")
         self.pattern = pattern
 
-    def locate(self, index: FileIndex, frames: np.ndarray, **values: str) -> tuple[np.ndarray, list[str]]:
-        """For each frame number: found on disk?, and the relative paths of those found."""
+    def locate(self, index: FileIndex, frames: np.ndarray, rec: ImportRecord, reason: str = "frame image missing",
+               **values: str) -> tuple[np.ndarray, list[str]]:
+        """For each frame number: found on disk?, and the relative paths of those found; the frames not found are
+        dropped, counted under ``reason``."""
         found = np.zeros(len(frames), bool)
         paths: list[str] = []
         fmt = self.pattern.format
@@ -285,6 +304,7 @@ class FramePattern:
             if hit is not None:
                 found[i] = True
                 paths.append(hit)
+        rec.drop(reason, int((~found).sum()))
         return found, paths
 
 
@@ -352,6 +372,27 @@ def au_number(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def frame_numbers(path: Path, frames: np.ndarray, first_line: int) -> np.ndarray:
+    """``frames`` as integers; one that is not a non-negative integer is a ``ValueError`` naming its line
+    (``first_line``: the 1-based line number of ``frames[0]`` in ``path``)."""
+    bad = (frames != np.round(frames)) | (frames < 0)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{path}: line {j + first_line}: frame number {frames[j]} is not a non-negative integer")
+    return frames.astype(np.int64)
+
+
+def binary_aus(values: np.ndarray, dst: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(au N×17, au_mask N×17, ok) of occurrence codes ``values`` (N × len(dst)) whose columns are the canonical AU
+    positions ``dst``: a 0 or 1 is a label (``ok``), any other code leaves that AU unannotated."""
+    ok = (values == 0) | (values == 1)
+    au = np.zeros((len(values), NUM_AUS), np.uint8)
+    mask = np.zeros((len(values), NUM_AUS), bool)
+    au[:, dst] = np.where(ok, values, 0).astype(np.uint8)
+    mask[:, dst] = ok
+    return au, mask, ok
+
+
 def au_columns_in_space(numbers: list[int]) -> tuple[list[int], list[int], list[int]]:
     """(positions in the file, canonical AU positions, AU numbers outside the label space) for AU numbers."""
     src, dst, dropped = [], [], []
@@ -383,9 +424,27 @@ def comma_list(text: str | None) -> list[str]:
 
 
 def add_common_arguments(p: argparse.ArgumentParser, dataset: str) -> None:
+    """The options of every importer: ``--dataset``, ``--prefix`` (read back by :func:`common_options`)."""
     p.add_argument("--dataset", default=dataset, help=f"dataset name in the manifest (default {dataset})")
     p.add_argument("--prefix", default="",
                    help="folder prepended to every path, so that manifests of several corpora share one root")
+
+
+def common_options(a: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`add_common_arguments`' options."""
+    return {"dataset": a.dataset, "prefix": a.prefix}
+
+
+def add_subject_arguments(p: argparse.ArgumentParser) -> None:
+    """``--val-subjects``, ``--test-subjects`` of the corpora split by subject (read back by
+    :func:`subject_options`)."""
+    p.add_argument("--val-subjects", default="", help="comma-separated subjects for the val split")
+    p.add_argument("--test-subjects", default="", help="comma-separated subjects for the test split")
+
+
+def subject_options(a: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`add_subject_arguments`' options (lists of subjects)."""
+    return {"val_subjects": comma_list(a.val_subjects), "test_subjects": comma_list(a.test_subjects)}
 
 
 def header_error(path: Path, expected: str, lines: list[str]) -> ValueError:
@@ -395,5 +454,6 @@ def header_error(path: Path, expected: str, lines: list[str]) -> ValueError:
 
 
 __all__ = ["QUOTE_CHARS", "FileIndex", "FramePattern", "ImportRecord", "Importer", "RowBuilder",
-           "au_columns_in_space", "au_number", "comma_list", "header_error", "manifest_root", "parse_numbers",
-           "quote", "read_lines", "read_text", "relative_to", "subject_splits"]
+           "add_common_arguments", "add_subject_arguments", "au_columns_in_space", "au_number", "binary_aus",
+           "comma_list", "common_options", "find_image", "frame_numbers", "header_error", "manifest_root",
+           "parse_numbers", "quote", "read_lines", "read_text", "relative_to", "subject_options", "subject_splits"]

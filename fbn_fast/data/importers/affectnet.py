@@ -48,6 +48,8 @@ from ._common import (
     ImportRecord,
     RowBuilder,
     add_common_arguments,
+    common_options,
+    find_image,
     quote,
     read_text,
     relative_to,
@@ -62,6 +64,7 @@ REQUIRED = tuple(c for c in COLUMNS if c != "facial_landmarks")
 IMAGE_DIRS = ("Manually_Annotated_Images", "Manually_Annotated/Manually_Annotated_Images")
 VA_MISSING = -2.0
 CONTEMPT, NONE, UNCERTAIN, NO_FACE = 7, 8, 9, 10
+_MASKED = {CONTEMPT: "Contempt", NONE: "None", UNCERTAIN: "Uncertain"}  # codes kept with the expression missing
 _TABLE = from_affectnet(np.arange(8))  # codes 0..7 -> canonical ids (Contempt -> MISSING)
 
 
@@ -70,14 +73,8 @@ def _expression(code: int, rec: ImportRecord) -> int | None:
     if code == NO_FACE:
         rec.drop("expression 10 (No-Face)")
         return None
-    if code == CONTEMPT:
-        rec.mask("expression 7 (Contempt) masked")
-        return MISSING
-    if code == NONE:
-        rec.mask("expression 8 (None) masked")
-        return MISSING
-    if code == UNCERTAIN:
-        rec.mask("expression 9 (Uncertain) masked")
+    if code in _MASKED:
+        rec.mask(f"expression {code} ({_MASKED[code]}) masked")
         return MISSING
     if 0 <= code < CONTEMPT:
         return int(_TABLE[code])
@@ -164,13 +161,9 @@ def _read_csv(path: Path, split: str, images: str, index: FileIndex | None, buil
         rel = row[col["subDirectory_filePath"]].strip().replace("\\", "/")
         if not rel:
             raise ValueError(f"{path}: line {line}: empty subDirectory_filePath")
-        image = f"{images}/{rel}" if images else rel
-        if index is not None:
-            found = index.find(image)
-            if found is None:
-                rec.drop("image missing")
-                continue
-            image = found
+        image = find_image(index, f"{images}/{rel}" if images else rel, rec)
+        if image is None:
+            continue
         e = _expression(code, rec)
         if e is None:
             continue
@@ -279,5 +272,5 @@ IMPORTER = Importer(
     run=import_affectnet,
     add_arguments=_add_arguments,
     options=lambda a: {"images": a.images, "validation_split": a.validation_split,
-                       "check_files": not a.no_check_files, "dataset": a.dataset, "prefix": a.prefix},
+                       "check_files": not a.no_check_files, **common_options(a)},
 )

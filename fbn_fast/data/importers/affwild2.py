@@ -41,6 +41,8 @@ from ._common import (
     add_common_arguments,
     au_columns_in_space,
     au_number,
+    binary_aus,
+    common_options,
     header_error,
     parse_numbers,
     read_lines,
@@ -113,15 +115,9 @@ def _read_au(path: Path, rec: ImportRecord) -> tuple[np.ndarray, np.ndarray]:
     if not header or None in numbers:
         raise header_error(path, "the header of AU names (e.g. AU1,AU2,AU4,...)", lines)
     src, dst, dropped = au_columns_in_space(numbers)
-    if dropped:
-        rec.notes["au_columns_dropped"] = sorted(set(rec.notes.get("au_columns_dropped", []))
-                                                 | {f"AU{n}" for n in dropped})
+    rec.note_names("au_columns_dropped", (f"AU{n}" for n in dropped))
     values = parse_numbers(path, lines[1:], 2, len(header))[:, src]
-    au = np.zeros((len(values), NUM_AUS), np.uint8)
-    mask = np.zeros((len(values), NUM_AUS), bool)
-    ok = (values == 0) | (values == 1)
-    au[:, dst] = np.where(ok, values, 0).astype(np.uint8)
-    mask[:, dst] = ok
+    au, mask, ok = binary_aus(values, dst)
     rec.mask("AU -1 (invalid) entries", int((values == AU_INVALID).sum()))
     rec.mask("AU value other than 0/1/-1 entries", int((~ok & (values != AU_INVALID)).sum()))
     return au, mask
@@ -185,8 +181,8 @@ def import_affwild2(root: str | Path, *, annotations: str | Path | None = None, 
         valid = (expr != MISSING) | va_mask | au_mask.any(1)
         rec.drop("line with only invalid markers", int((~valid).sum()))
         rows = np.flatnonzero(valid)
-        found, paths = pattern.locate(index, rows + 1, video=video)  # line i (1-based) <-> frame i
-        rec.drop("frame image missing (no face crop)", int((~found).sum()))
+        # line i (1-based) <-> frame i
+        found, paths = pattern.locate(index, rows + 1, rec, "frame image missing (no face crop)", video=video)
         rows = rows[found]
         builder.add(paths, split, expr=expr[rows], va=va[rows], va_mask=va_mask[rows], au=au[rows],
                     au_mask=au_mask[rows])
@@ -209,6 +205,5 @@ IMPORTER = Importer(
     help="Aff-Wild2 (ABAW): per-video VA / EXPR / AU annotation files and cropped_aligned frames",
     run=import_affwild2,
     add_arguments=_add_arguments,
-    options=lambda a: {"annotations": a.annotations, "frames_pattern": a.frames_pattern, "dataset": a.dataset,
-                       "prefix": a.prefix},
+    options=lambda a: {"annotations": a.annotations, "frames_pattern": a.frames_pattern, **common_options(a)},
 )

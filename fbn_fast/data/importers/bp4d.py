@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ...labels import NUM_AUS
 from ..manifest import Manifest
 from ._common import (
     FileIndex,
@@ -36,12 +35,16 @@ from ._common import (
     ImportRecord,
     RowBuilder,
     add_common_arguments,
+    add_subject_arguments,
     au_columns_in_space,
     au_number,
-    comma_list,
+    binary_aus,
+    common_options,
+    frame_numbers,
     header_error,
     parse_numbers,
     read_lines,
+    subject_options,
     subject_splits,
 )
 
@@ -63,23 +66,14 @@ def _read_csv(path: Path, rec: ImportRecord) -> tuple[np.ndarray, np.ndarray, np
     if len(header) < 2 or None in numbers:
         raise header_error(path, "a header of AU numbers after the frame column", lines)
     src, dst, dropped = au_columns_in_space(numbers)
-    if dropped:
-        rec.notes["au_columns_dropped"] = sorted(set(rec.notes.get("au_columns_dropped", []))
-                                                 | {f"AU{n}" for n in dropped})
+    rec.note_names("au_columns_dropped", (f"AU{n}" for n in dropped))
     table = parse_numbers(path, lines[1:], 2, len(header))
-    frames = table[:, 0]
-    if (frames != np.round(frames)).any() or (frames < 0).any():
-        j = int(np.flatnonzero((frames != np.round(frames)) | (frames < 0))[0])
-        raise ValueError(f"{path}: line {j + 2}: frame number {frames[j]} is not a non-negative integer")
+    frames = frame_numbers(path, table[:, 0], 2)
     values = table[:, 1:][:, src]
-    ok = (values == 0) | (values == 1)
+    au, mask, ok = binary_aus(values, dst)
     rec.mask("AU 9 (not coded) entries", int((values == UNKNOWN).sum()))
     rec.mask("AU code other than 0/1/9 entries", int((~ok & (values != UNKNOWN)).sum()))
-    au = np.zeros((len(values), NUM_AUS), np.uint8)
-    mask = np.zeros((len(values), NUM_AUS), bool)
-    au[:, dst] = np.where(ok, values, 0).astype(np.uint8)
-    mask[:, dst] = ok
-    return frames.astype(np.int64), au, mask
+    return frames, au, mask
 
 
 def import_bp4d(root: str | Path, *, labels: str = "AUCoding/AU_OCC", frames_pattern: str = DEFAULT_FRAMES,
@@ -119,8 +113,7 @@ def import_bp4d(root: str | Path, *, labels: str = "AUCoding/AU_OCC", frames_pat
         labelled = mask.any(1)
         rec.drop("frame with every AU not coded", int((~labelled).sum()))
         frames, au, mask = frames[labelled], au[labelled], mask[labelled]
-        found, paths = pattern.locate(index, frames, subject=subject, task=task)
-        rec.drop("frame image missing", int((~found).sum()))
+        found, paths = pattern.locate(index, frames, rec, subject=subject, task=task)
         builder.add(paths, splits[subject], au=au[found], au_mask=mask[found])
     return builder.build(dedupe=True)
 
@@ -132,8 +125,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"frame path relative to ROOT with {{subject}}, {{task}}, {{frame}} (default {DEFAULT_FRAMES})")
     p.add_argument("--split-preset", default="none", choices=PRESETS,
                    help="fera2015: FERA 2015 training subjects -> train, development subjects -> val")
-    p.add_argument("--val-subjects", default="", help="comma-separated subjects for the val split")
-    p.add_argument("--test-subjects", default="", help="comma-separated subjects for the test split")
+    add_subject_arguments(p)
 
 
 IMPORTER = Importer(
@@ -142,6 +134,5 @@ IMPORTER = Importer(
     run=import_bp4d,
     add_arguments=_add_arguments,
     options=lambda a: {"labels": a.labels, "frames_pattern": a.frames_pattern, "split_preset": a.split_preset,
-                       "val_subjects": comma_list(a.val_subjects), "test_subjects": comma_list(a.test_subjects),
-                       "dataset": a.dataset, "prefix": a.prefix},
+                       **subject_options(a), **common_options(a)},
 )

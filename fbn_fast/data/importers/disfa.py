@@ -39,9 +39,12 @@ from ._common import (
     ImportRecord,
     RowBuilder,
     add_common_arguments,
-    comma_list,
+    add_subject_arguments,
+    common_options,
+    frame_numbers,
     parse_numbers,
     read_lines,
+    subject_options,
     subject_splits,
 )
 
@@ -63,19 +66,16 @@ def _read_subject(folder: Path, rec: ImportRecord, threshold: int) -> tuple[np.n
         try:
             k = au_index(number)
         except ValueError:
-            rec.notes["au_files_ignored"] = sorted(set(rec.notes.get("au_files_ignored", [])) | {f"AU{number}"})
+            rec.note_names("au_files_ignored", [f"AU{number}"])
             continue
         lines = read_lines(path)
         sep = "," if lines and "," in lines[0] else None
         table = parse_numbers(path, lines, 1, 2, sep=sep)
-        frames, intensity = table[:, 0], table[:, 1]
-        if (frames != np.round(frames)).any() or (frames < 0).any():
-            j = int(np.flatnonzero((frames != np.round(frames)) | (frames < 0))[0])
-            raise ValueError(f"{path}: line {j + 1}: frame number {frames[j]} is not a non-negative integer")
+        frames, intensity = frame_numbers(path, table[:, 0], 1), table[:, 1]
         if len(np.unique(frames)) != len(frames):
             raise ValueError(f"{path}: a frame number appears on two lines")
         rec.source(path)
-        per_au[k] = (frames.astype(np.int64), intensity)
+        per_au[k] = (frames, intensity)
     if not per_au:
         return np.zeros(0, np.int64), np.zeros((0, NUM_AUS), np.uint8), np.zeros((0, NUM_AUS), bool)
     frames = np.unique(np.concatenate([f for f, _ in per_au.values()]))
@@ -114,8 +114,7 @@ def import_disfa(root: str | Path, *, labels: str = "ActionUnit_Labels", frames_
         if not len(frames):
             rec.notes.setdefault("subjects_without_au_files", []).append(subject)
             continue
-        found, paths = pattern.locate(index, frames + frame_offset, subject=subject)
-        rec.drop("frame image missing", int((~found).sum()))
+        found, paths = pattern.locate(index, frames + frame_offset, rec, subject=subject)
         builder.add(paths, splits[subject], au=au[found], au_mask=mask[found])
     return builder.build()
 
@@ -128,8 +127,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame-offset", type=int, default=0,
                    help="added to the label frame number to get the image's number (e.g. -1 for 0-based frames)")
     p.add_argument("--threshold", type=int, default=ACTIVE_AT, help="intensity at which an AU is active (default 2)")
-    p.add_argument("--val-subjects", default="", help="comma-separated subjects for the val split")
-    p.add_argument("--test-subjects", default="", help="comma-separated subjects for the test split")
+    add_subject_arguments(p)
 
 
 IMPORTER = Importer(
@@ -138,6 +136,5 @@ IMPORTER = Importer(
     run=import_disfa,
     add_arguments=_add_arguments,
     options=lambda a: {"labels": a.labels, "frames_pattern": a.frames_pattern, "frame_offset": a.frame_offset,
-                       "threshold": a.threshold, "val_subjects": comma_list(a.val_subjects),
-                       "test_subjects": comma_list(a.test_subjects), "dataset": a.dataset, "prefix": a.prefix},
+                       "threshold": a.threshold, **subject_options(a), **common_options(a)},
 )

@@ -40,6 +40,8 @@ from ._common import (
     RowBuilder,
     add_common_arguments,
     au_number,
+    common_options,
+    find_image,
     quote,
     read_text,
 )
@@ -76,9 +78,7 @@ def _rows_csv(path: Path, text: str, rec: ImportRecord):
     if not aus:
         raise ValueError(f"{path}: line 1: no AU columns in the header {quote(','.join(header))}")
     outside = sorted({n for n in aus.values() if n not in AU_NUMBERS})
-    if outside:
-        rec.notes["au_columns_not_read"] = sorted(set(rec.notes.get("au_columns_not_read", []))
-                                                  | {f"AU{n}" for n in outside})
+    rec.note_names("au_columns_not_read", (f"AU{n}" for n in outside))
     width = max(aus) + 1
     for row in reader:
         if not row or not any(c.strip() for c in row):
@@ -141,13 +141,9 @@ def import_emotionet(root: str | Path, *, tables: list[str] | tuple[str, ...] | 
             name = _local_name(url, image_names)
             if not name:
                 raise ValueError(f"{path}: line {line_no}: no image name in {quote(url)}")
-            rel = f"{images}/{name}" if images else name
-            if index is not None:
-                found = index.find(rel)
-                if found is None:
-                    rec.drop("image missing (not downloaded)")
-                    continue
-                rel = found
+            rel = find_image(index, f"{images}/{name}" if images else name, rec, "image missing (not downloaded)")
+            if rel is None:
+                continue
             a = np.zeros(NUM_AUS, np.uint8)
             m = np.zeros(NUM_AUS, bool)
             for number, code in codes.items():
@@ -184,5 +180,5 @@ IMPORTER = Importer(
     add_arguments=_add_arguments,
     options=lambda a: {"tables": [t for t in (a.tables or "").split(",") if t] or None, "images": a.images,
                        "image_names": a.image_names, "split": a.split, "check_files": not a.no_check_files,
-                       "dataset": a.dataset, "prefix": a.prefix},
+                       **common_options(a)},
 )

@@ -38,6 +38,8 @@ from ._common import (
     ImportRecord,
     RowBuilder,
     add_common_arguments,
+    common_options,
+    find_image,
     quote,
     read_lines,
     read_text,
@@ -108,12 +110,9 @@ def _import(root: str | Path, compound: bool, images: str, dataset: str, prefix:
             continue
         stem = image.rsplit(".", 1)[0]
         rel = f"{pre}Image/aligned/{stem}_aligned.jpg" if images == "aligned" else f"{pre}Image/original/{image}"
-        if index is not None:
-            found = index.find(rel)
-            if found is None:
-                rec.drop("image missing")
-                continue
-            rel = found
+        rel = find_image(index, rel, rec)
+        if rel is None:
+            continue
         box = None
         if images == "original":
             box_file = root / base / "Annotation" / "boundingbox" / f"{stem}_boundingbox.txt"
@@ -159,7 +158,7 @@ def _arguments(dataset: str):
 
 
 def _options(a: argparse.Namespace) -> dict:
-    return {"images": a.images, "check_files": not a.no_check_files, "dataset": a.dataset, "prefix": a.prefix}
+    return {"images": a.images, "check_files": not a.no_check_files, **common_options(a)}
 
 
 IMPORTERS = (
