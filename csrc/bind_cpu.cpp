@@ -20,11 +20,10 @@ T* ptr(std::uintptr_t p) {
 long long objective(bool is_double, long long B, int C, int K, std::uintptr_t ze, std::uintptr_t za,
                     std::uintptr_t v, std::uintptr_t expr, std::uintptr_t expr_mask, std::uintptr_t au,
                     std::uintptr_t au_mask, std::uintptr_t va, std::uintptr_t va_mask, std::uintptr_t relatedness,
-                    std::uintptr_t va_means, py::sequence weights, double inv_temperature, double eps,
+                    std::uintptr_t va_means, std::uintptr_t weights, double inv_temperature, double eps,
                     std::uintptr_t terms, std::uintptr_t grad_ze, std::uintptr_t grad_za, std::uintptr_t grad_v,
                     int threads) {
     if (B < 1 || C < 1 || K < 1) throw std::invalid_argument("objective: B, C and K must be >= 1");
-    if (py::len(weights) != 6) throw std::invalid_argument("objective: weights must hold 6 values");
     fbn::CpuArgs a{};
     a.is_double = is_double;
     a.B = B;
@@ -41,7 +40,7 @@ long long objective(bool is_double, long long B, int C, int K, std::uintptr_t ze
     a.va_mask = ptr<const std::uint8_t>(va_mask);
     a.relatedness = ptr<const void>(relatedness);
     a.va_means = ptr<const void>(va_means);
-    for (int i = 0; i < 6; ++i) a.weights[i] = weights[i].cast<double>();
+    a.weights = ptr<const double>(weights);
     a.inv_temperature = inv_temperature;
     a.eps = eps;
     a.terms = ptr<void>(terms);
@@ -81,7 +80,7 @@ void set_isa(py::object name) {
 PYBIND11_MODULE(_native, m) {
     m.doc() = "The fused FaceBehaviorNet objective on CPU (forward terms and gradients in one pass).";
     m.def("objective", &objective,
-          "Writes the 9 terms and the gradients w.r.t. z_e, z_a, v into the given buffers; returns -1, or the "
+          "Reads the 8 per-term weights (float64) at `weights`; writes the 9 terms and the gradients w.r.t. z_e, z_a, v into the given buffers; returns -1, or the "
           "first row whose expression class is outside [0, C) under a true mask.",
           py::arg("is_double"), py::arg("B"), py::arg("C"), py::arg("K"), py::arg("z_e"), py::arg("z_a"),
           py::arg("v"), py::arg("expr"), py::arg("expr_mask"), py::arg("au"), py::arg("au_mask"), py::arg("va"),

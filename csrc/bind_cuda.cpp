@@ -25,9 +25,8 @@ int max_blocks(int dtype, bool face, bool cooperative, int block, long long smem
 
 void launch(int dtype, bool face, bool cooperative, int device, std::uintptr_t stream, long long grid, long long block, long long smem,
             py::sequence ptrs, long long work_bytes, long long B, int C, int K, bool has_mu, bool use_smem,
-            py::sequence weights, double inv_temperature, double eps) {
-    if (py::len(ptrs) != 17) throw std::invalid_argument("launch: ptrs must hold 17 addresses");
-    if (py::len(weights) != 6) throw std::invalid_argument("launch: weights must hold 6 values");
+            double inv_temperature, double eps) {
+    if (py::len(ptrs) != 18) throw std::invalid_argument("launch: ptrs must hold 18 addresses");
     fbn::CudaLaunch a{};
     a.dtype = dtype;
     a.face = face;
@@ -37,14 +36,13 @@ void launch(int dtype, bool face, bool cooperative, int device, std::uintptr_t s
     a.grid = grid;
     a.block = block;
     a.smem = smem;
-    for (int i = 0; i < 17; ++i) a.ptrs[i] = reinterpret_cast<void*>(ptrs[i].cast<std::uintptr_t>());
+    for (int i = 0; i < 18; ++i) a.ptrs[i] = reinterpret_cast<void*>(ptrs[i].cast<std::uintptr_t>());
     a.work_bytes = work_bytes;
     a.B = B;
     a.C = C;
     a.K = K;
     a.has_mu = has_mu ? 1 : 0;
     a.use_smem = use_smem ? 1 : 0;
-    for (int i = 0; i < 6; ++i) a.weights[i] = weights[i].cast<double>();
     a.inv_temperature = inv_temperature;
     a.eps = eps;
     char err[512] = {0};
@@ -68,5 +66,5 @@ PYBIND11_MODULE(_native_cuda, m) {
           "launches of the split plan.",
           py::arg("dtype"), py::arg("face"), py::arg("cooperative"), py::arg("device"), py::arg("stream"), py::arg("grid"), py::arg("block"),
           py::arg("smem"), py::arg("ptrs"), py::arg("work_bytes"), py::arg("B"), py::arg("C"), py::arg("K"),
-          py::arg("has_mu"), py::arg("use_smem"), py::arg("weights"), py::arg("inv_temperature"), py::arg("eps"));
+          py::arg("has_mu"), py::arg("use_smem"), py::arg("inv_temperature"), py::arg("eps"));
 }

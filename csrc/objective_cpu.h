@@ -19,7 +19,7 @@ struct CpuArgs {
     const std::uint8_t* va_mask;     // (B,) bool
     const void* relatedness;         // (C,K)
     const void* va_means;            // (C,2) or null
-    double weights[6];               // expr, au, va, ca, dm, ev
+    const double* weights;           // (8,) one per term: expr, au, va, ca_ea, ca_ae, dm_ea, dm_ae, dm_ev
     double inv_temperature, eps;
     void *terms, *grad_ze, *grad_za, *grad_v;  // (9,), (B,C), (B,K), (B,2)
 };

@@ -162,11 +162,11 @@ __global__ void __launch_bounds__(256) objective_kernel(
     const TIn* __restrict__ ze, const TIn* __restrict__ za, const TIn* __restrict__ v,
     const long long* __restrict__ expr, const unsigned char* __restrict__ em, const T* __restrict__ au,
     const unsigned char* __restrict__ am, const T* __restrict__ va, const unsigned char* __restrict__ vm,
-    const T* __restrict__ rel, const T* __restrict__ mu, T* __restrict__ terms, float* __restrict__ total,
+    const T* __restrict__ rel, const T* __restrict__ mu, T* __restrict__ terms, T* __restrict__ total,
     TIn* __restrict__ gze,
-    TIn* __restrict__ gza, TIn* __restrict__ gv, unsigned char* __restrict__ work, long long work_bytes,
-    long long B, int C_rt, int K_rt, int has_mu, int use_smem, double w0, double w1, double w2, double w3,
-    double w4, double w5, double inv_t, double eps, int phase) {
+    TIn* __restrict__ gza, TIn* __restrict__ gv, unsigned char* __restrict__ work, const double* __restrict__ w,
+    long long work_bytes, long long B, int C_rt, int K_rt, int has_mu, int use_smem, double inv_t, double eps,
+    int phase) {
     namespace cg = cooperative_groups;
     cg::grid_group grid = cg::this_grid();
     extern __shared__ __align__(16) unsigned char smem_tab[];
@@ -178,7 +178,6 @@ __global__ void __launch_bounds__(256) objective_kernel(
     const int C = d.C(), K = d.K();
     const long long nthreads = static_cast<long long>(gridDim.x) * blockDim.x;
     const long long gtid = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-    const double w[6] = {w0, w1, w2, w3, w4, w5};
 
     T* gtab = reinterpret_cast<T*>(work);
     double* part1 = reinterpret_cast<double*>(work + align16(tab_size(C, K) * sizeof(T)));
@@ -189,7 +188,7 @@ __global__ void __launch_bounds__(256) objective_kernel(
     const long long need = reinterpret_cast<unsigned char*>(scr) - work + scratch;
     if (need > work_bytes) {  // a caller bug; every thread sees the same sizes, so nobody waits at a sync
         if (gtid < 9) terms[gtid] = T(quiet_nan());
-        if (gtid == 0 && total) *total = static_cast<float>(quiet_nan());
+        if (gtid == 0 && total) *total = T(quiet_nan());
         return;
     }
 
@@ -286,7 +285,7 @@ __global__ void __launch_bounds__(256) objective_kernel(
             finalize_terms<T>(tot1, tot2, w, B, K, has_mu != 0, terms);
             // The differentiable total as an allocation of its own (optional): autograd then hands the
             // incoming gradient straight to the backward's scaling, with no scatter into the term vector.
-            if (total) *total = static_cast<float>(terms[0]);
+            if (total) *total = terms[0];
         }
     }
 }
@@ -379,13 +378,12 @@ int cuda_launch(const CudaLaunch& a, char* err, int errlen) {
     // Argument addresses in the kernel's parameter order; the pointer types share one representation.
     long long work_bytes = a.work_bytes, B = a.B;
     int C = a.C, K = a.K, has_mu = a.has_mu, use_smem = a.use_smem, phase = PHASE_ALL;
-    double w0 = a.weights[0], w1 = a.weights[1], w2 = a.weights[2], w3 = a.weights[3], w4 = a.weights[4],
-           w5 = a.weights[5], inv_t = a.inv_temperature, eps = a.eps;
-    void* p[17];
-    for (int i = 0; i < 17; ++i) p[i] = a.ptrs[i];
-    void* args[] = {&p[0],  &p[1],  &p[2],  &p[3],  &p[4],  &p[5],  &p[6],  &p[7],      &p[8], &p[9],
-                    &p[10], &p[11], &p[12], &p[13], &p[14], &p[15], &p[16], &work_bytes, &B,   &C,
-                    &K,     &has_mu, &use_smem, &w0, &w1, &w2, &w3, &w4, &w5, &inv_t, &eps, &phase};
+    double inv_t = a.inv_temperature, eps = a.eps;
+    void* p[18];
+    for (int i = 0; i < 18; ++i) p[i] = a.ptrs[i];
+    void* args[] = {&p[0],  &p[1],  &p[2],  &p[3],  &p[4],  &p[5],  &p[6],       &p[7], &p[8], &p[9],
+                    &p[10], &p[11], &p[12], &p[13], &p[14], &p[15], &p[16],      &p[17], &work_bytes, &B,
+                    &C,     &K,     &has_mu, &use_smem, &inv_t, &eps, &phase};
     const dim3 grid(static_cast<unsigned>(a.grid)), block(static_cast<unsigned>(a.block));
     const size_t smem = static_cast<size_t>(a.smem);
     cudaStream_t stream = static_cast<cudaStream_t>(a.stream);

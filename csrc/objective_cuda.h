@@ -15,11 +15,11 @@ struct CudaLaunch {
     void* stream;
     long long grid, block, smem;
     // z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means (or null),
-    // terms, total (float32, or null), grad_z_e, grad_z_a, grad_v, workspace
-    void* ptrs[17];
+    // terms, total (the compute dtype, or null), grad_z_e, grad_z_a, grad_v, workspace,
+    // weights (8 float64 on the device, one per term: read by the kernel, so new values never recompile)
+    void* ptrs[18];
     long long work_bytes, B;
     int C, K, has_mu, use_smem;
-    double weights[6];
     double inv_temperature, eps;
 };
 

@@ -175,6 +175,8 @@ enum Sum1 {
     S1_VY = 14,
     NSUM1 = 16
 };
+// Terms (and per-term weights): expr, au, va, ca_ea, ca_ae, dm_ea, dm_ae, dm_ev.
+constexpr int NTERMS = 8;
 // Batch sums of pass 2: the unnormalised terms.
 enum Sum2 { S2_EXPR, S2_AU, S2_CA_EA, S2_CA_AE, S2_DM_EA, S2_DM_AE, S2_DM_EV, NSUM2 };
 
@@ -225,17 +227,18 @@ struct Scales {
     T va_coef[2], va_mean_y[2], va_ccc[2];
 };
 
-// w = (expr, au, va, ca, dm, ev) weights; has_mu: whether VA means were given.
+// w: one weight per term (expr, au, va, ca_ea, ca_ae, dm_ea, dm_ae, dm_ev), read from memory (a device
+// tensor on the GPU) so that new values never recompile a caller; has_mu: whether VA means were given.
 template <class T>
 FBN_HD Scales<T> make_scales(const double* s, const double* w, long long B, int K, double inv_t, bool has_mu) {
     Scales<T> sc;
     sc.a_expr = T(w[0] / norm1(s[S1_NE]));
     sc.a_au = T(w[1] / norm1(s[S1_NA]));
     sc.a_ca_ea = T(w[3] / norm1(s[S1_NCA]));
-    sc.a_ca_ae = T(w[3] / norm1(s[S1_NH]));
-    sc.a_dm_ea = T(w[4] / (double(B) * double(K)));
-    sc.a_dm_ae = T(w[4] / double(B));
-    sc.a_dm_ev = has_mu ? T(w[5] / double(B)) : T(0);
+    sc.a_ca_ae = T(w[4] / norm1(s[S1_NH]));
+    sc.a_dm_ea = T(w[5] / (double(B) * double(K)));
+    sc.a_dm_ae = T(w[6] / double(B));
+    sc.a_dm_ev = has_mu ? T(w[7] / double(B)) : T(0);
     sc.inv_t = T(inv_t);
     bool enough = s[S1_NV] >= 2.0;
     for (int i = 0; i < 2; ++i) {
@@ -262,7 +265,8 @@ FBN_HD void finalize_terms(const double* s1, const double* s2, const double* w, 
     t[7] = s2[S2_DM_AE] / double(B);
     t[8] = has_mu ? s2[S2_DM_EV] / double(B) : 0.0;
     if (s1[S1_BAD] > 0.0) t[1] = quiet_nan();  // an invalid class under a true mask
-    t[0] = w[0] * t[1] + w[1] * t[2] + w[2] * t[3] + w[3] * (t[4] + t[5]) + w[4] * (t[6] + t[7]) + w[5] * t[8];
+    t[0] = 0.0;
+    for (int i = 0; i < NTERMS; ++i) t[0] += w[i] * t[i + 1];
     for (int i = 0; i < 9; ++i) out[i] = T(t[i]);
 }
 

@@ -16,13 +16,14 @@ from objective_cases import (
     Case,
     assert_matches,
     backend_targets,
+    call_weighted,
     make_inputs,
     reference,
     run,
     with_garbage,
 )
 
-from fbn_fast.losses import BACKENDS
+from fbn_fast.losses import BACKENDS, TERMS
 
 
 def _targets() -> list:
@@ -78,3 +79,24 @@ def test_an_empty_batch_gives_zeros(dtype, backend, device):
     got = run(backend, Case(make_inputs(0, seed=1)), dtype, device)
     assert torch.equal(got.terms.cpu(), torch.zeros(9, dtype=got.terms.dtype))
     assert [tuple(g.shape) for g in got[1:]] == [(0, 7), (0, 17), (0, 2)]
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_weight_and_term_gradients_match_the_oracle(dtype, backend, device):
+    # Weights as a tensor that requires grad (d total / d w_i = L_i) and every term differentiable: one call,
+    # one backward, against the float64 autograd of the reference on the same logits.
+    case = CASES["T=0.6"]
+    w = torch.linspace(0.25, 2.0, len(TERMS), dtype=torch.float64)
+    coef = torch.linspace(-1.0, 1.5, len(TERMS), dtype=torch.float64)
+    got = call_weighted(backend, case.at(dtype, device), w, coef, case.temperature, case.eps)
+    oracle = case.at(dtype, "cpu")
+    for n in ("z_e", "z_a", "v"):
+        oracle[n] = oracle[n].double()
+    want = call_weighted("torch", oracle, w, coef, case.temperature, case.eps)
+    # Relative to each gradient's largest entry: float64 sums in another order, or float32 computation.
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for name, g, r in zip(("z_e", "z_a", "v", "weights"), got, want):
+        err = float((g.detach().cpu().double() - r).abs().max())
+        assert err <= tol * max(1.0, float(r.abs().max())), f"{backend}/{device} {name}: error {err:.3g}"
+

@@ -18,19 +18,22 @@ A gradient with respect to p is pulled back through the softmax as p (g − Σ p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import CCC_EPS, au_log_likelihood, relatedness_log_terms
+from .reference import CCC_EPS, au_log_likelihood, invalid_classes, relatedness_log_terms, weight_vector
 
 
 def analytic_terms_and_grads(
     z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor, au_mask: Tensor,
-    va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None, weights: tuple[float, ...],
+    va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None, weights: Tensor | Sequence[float],
     temperature: float, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The total and ``[total, *TERMS]`` (float32) and the gradients of the total w.r.t. ``z_e``, ``z_a``, ``v``."""
+    """The total and ``[total, *TERMS]`` (float32, float64 for float64 logits) and the gradients of the total
+    w.r.t. ``z_e``, ``z_a``, ``v``; ``weights``: one per term (a tensor or floats; or the six of ``WEIGHTS``)."""
     dt = torch.float64 if z_e.dtype == torch.float64 else torch.float32
     ze, za, vv = z_e.to(dt), z_a.to(dt), v.to(dt)
     b, k = za.shape
@@ -39,11 +42,13 @@ def analytic_terms_and_grads(
     mef, maf, mvf = me.to(dt), ma.to(dt), mv.to(dt)
     y_a = torch.where(ma, au.to(dt), zero)
     y_v = torch.where(mv[:, None], va.to(dt), zero)
-    cls = torch.where(me, expr.long(), torch.zeros_like(expr, dtype=torch.long))
+    bad = invalid_classes(expr, me, ze.shape[1])
+    cls = torch.where(me & ~bad, expr.long(), torch.zeros_like(expr, dtype=torch.long))
     r_raw = relatedness.to(dt)
     log_r, log_1mr = relatedness_log_terms(r_raw, eps)
     rs, w_mat = log_r.exp(), log_r - log_1mr
-    w_expr, w_au, w_va, w_ca, w_dm, w_ev = (float(w) for w in weights)
+    wv = weight_vector(weights, zero)
+    w_expr, w_au, w_va, w_caea, w_caae, w_dmea, w_dmae, w_ev = wv.unbind(0)
     inv_t = 1.0 / temperature
 
     log_p = F.log_softmax(ze, 1)
@@ -55,6 +60,7 @@ def analytic_terms_and_grads(
     # Supervised expression and AU terms, and expression -> AU co-annotation.
     n_e = mef.sum().clamp(min=1.0)
     l_expr = -(log_p * onehot).sum(1).mul(mef).sum() / n_e
+    l_expr = torch.where(bad.any(), torch.full_like(l_expr, float("nan")), l_expr)
     g_e = w_expr * mef[:, None] * (p - onehot) / n_e
     n_a = maf.sum().clamp(min=1.0)
     l_au = -(y_a * log_s + (1 - y_a) * log_1ms).mul(maf).sum() / n_a
@@ -63,30 +69,32 @@ def analytic_terms_and_grads(
     n_ca = m_ca.sum().clamp(min=1.0)
     t_a = r_raw[cls]
     l_ca_ea = -(t_a * log_s + (1 - t_a) * log_1ms).mul(m_ca).sum() / n_ca
-    g_a = g_a + w_ca * m_ca * (s - t_a) / n_ca
+    g_a = g_a + w_caea * m_ca * (s - t_a) / n_ca
 
     # AU -> expression co-annotation.
     h = (ma.any(1) & ~me).to(dt)
     n_h = h.sum().clamp(min=1.0)
     t_e = torch.softmax(au_log_likelihood(y_a, log_r, log_1mr, ma) * inv_t, 1)
     l_ca_ae = -(t_e * log_p).sum(1).mul(h).sum() / n_h
-    g_e = g_e + w_ca * h[:, None] * (p - t_e) / n_h
+    g_e = g_e + w_caae * h[:, None] * (p - t_e) / n_h
 
     # Distribution matching, expression -> AU.
     q = p @ rs
     log_q, log_1mq = q.log(), torch.log1p(-q)
-    l_dm_ea = (q * (log_q - log_s) + (1 - q) * (log_1mq - log_1ms)).sum() / (b * k)
-    g_a = g_a + w_dm * (s - q) / (b * k)
-    g_p = w_dm * ((log_q - log_1mq - za) / (b * k)) @ rs.T
+    bk = max(b * k, 1)  # an empty batch gives 0, not NaN
+    l_dm_ea = (q * (log_q - log_s) + (1 - q) * (log_1mq - log_1ms)).sum() / bk
+    g_a = g_a + w_dmea * (s - q) / bk
+    g_p = w_dmea * ((log_q - log_1mq - za) / bk) @ rs.T
 
     # Distribution matching, AU -> expression.
     log_qe = F.log_softmax((s @ w_mat.T + log_1mr.sum(1)) * inv_t, 1)
     qe = log_qe.exp()
     f = log_qe - log_p
     kl = (qe * f).sum(1)
-    l_dm_ae = kl.sum() / b
-    g_e = g_e + w_dm * (p - qe) / b
-    g_u = w_dm * qe * (f - kl[:, None]) / b
+    nb = max(b, 1)
+    l_dm_ae = kl.sum() / nb
+    g_e = g_e + w_dmae * (p - qe) / nb
+    g_u = w_dmae * qe * (f - kl[:, None]) / nb
     g_a = g_a + (g_u @ w_mat) * inv_t * s * (1 - s)
 
     # Distribution matching, expression -> VA.
@@ -95,9 +103,9 @@ def analytic_terms_and_grads(
         l_dm_ev = zero
     else:
         r = vv - p @ va_means.to(dt)
-        l_dm_ev = 0.5 * (r * r).sum() / b
-        g_v = g_v + w_ev * r / b
-        g_p = g_p - w_ev * (r @ va_means.to(dt).T) / b
+        l_dm_ev = 0.5 * (r * r).sum() / nb
+        g_v = g_v + w_ev * r / nb
+        g_p = g_p - w_ev * (r @ va_means.to(dt).T) / nb
     g_e = g_e + p * (g_p - (p * g_p).sum(1, keepdim=True))
 
     # Valence/arousal CCC over the labelled rows (batch statistics).
@@ -112,7 +120,6 @@ def analytic_terms_and_grads(
     l_va = enough * (1 - ccc).mean()
     g_v = g_v - w_va * enough * m * ((y_v - mean_y) - ccc * (vv - mean_y)) / (nv * den)
 
-    total = (w_expr * l_expr + w_au * l_au + w_va * l_va + w_ca * (l_ca_ea + l_ca_ae)
-             + w_dm * (l_dm_ea + l_dm_ae) + w_ev * l_dm_ev)
-    terms = torch.stack([total, l_expr, l_au, l_va, l_ca_ea, l_ca_ae, l_dm_ea, l_dm_ae, l_dm_ev]).float()
-    return total.float(), terms, g_e.to(z_e.dtype), g_a.to(z_a.dtype), g_v.to(v.dtype)
+    terms = torch.stack([l_expr, l_au, l_va, l_ca_ea, l_ca_ae, l_dm_ea, l_dm_ae, l_dm_ev])
+    total = (wv * terms).sum()
+    return total, torch.cat([total[None], terms]), g_e.to(z_e.dtype), g_a.to(z_a.dtype), g_v.to(v.dtype)

@@ -3,15 +3,16 @@ behind the shared op.
 
 Rows run in parallel (OpenMP), float32 rows 4, 8 or 16 to a SIMD pack by instruction set (:func:`cpu_isas`,
 :func:`cpu_isa`), reductions in a fixed chunk order, so results do not depend on the thread count. Float64
-inputs are computed in float64; half types are computed in float32 (converted on the way in and out). An
-invalid class under a true mask raises ``ValueError`` (the values are on the host anyway). The extension takes
+inputs are computed in float64 (and give float64 terms); half types are computed in float32 (converted on
+the way in and out). An invalid class under a true mask raises ``ValueError`` (the values are on the host
+anyway). The per-term weights are read from a float64 buffer. The extension takes
 raw buffer addresses, so it does not depend on torch's C++ ABI. Threads: :func:`set_num_threads` (default:
 ``torch.get_num_threads()``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .backends import load_extension
-from .op import as_contiguous, check_inputs, compute_dtype, register_impl
+from .op import as_contiguous, check_inputs, compute_dtype, invalid_class_error, register_impl, weight_vector
 
 _cpu_ext, _cpu_missing = load_extension("_native")
 _threads: int | None = None
@@ -78,11 +79,12 @@ def limits(z_e: Tensor, b: int, c: int, k: int) -> None:
 
 def objective_cpu(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor,
                   au_mask: Tensor, va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None,
-                  weights: tuple[float, ...], temperature: float, eps: float,
+                  weights: Tensor | Sequence[float], temperature: float, eps: float,
                   threads: int | None = None, check: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ``cpu`` backend: ``[total, *TERMS]`` in the compute dtype (float64 for float64 logits) and the
     gradients of the total w.r.t. ``z_e``, ``z_a``, ``v`` in their dtypes. ``check`` runs the op's input check
-    (the op calls this with ``check=False``, having checked)."""
+    (the op calls this with ``check=False``, having checked). ``weights``: one per term (a tensor, read by the
+    kernel from memory, or floats; or the six of ``WEIGHTS``)."""
     if check:
         check_inputs("cpu", z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means,
                      weights, temperature, eps)
@@ -96,21 +98,21 @@ def objective_cpu(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: 
     me, ma, mv = (as_contiguous(t, torch.bool) for t in (expr_mask, au_mask, va_mask))
     ya, yv, rel = (as_contiguous(t, dt) for t in (au, va, relatedness))
     mu = None if va_means is None else as_contiguous(va_means, dt)
+    wts = as_contiguous(weight_vector(weights, ze).detach(), torch.float64)
     terms = torch.empty(9, dtype=dt)
     ge, ga, gv = torch.empty_like(ze), torch.empty_like(za), torch.empty_like(vv)
     bad = _cpu_ext.objective(
         dt == torch.float64, b, c, k, ze.data_ptr(), za.data_ptr(), vv.data_ptr(), ex.data_ptr(), me.data_ptr(),
         ya.data_ptr(), ma.data_ptr(), yv.data_ptr(), mv.data_ptr(), rel.data_ptr(),
-        0 if mu is None else mu.data_ptr(), [float(w) for w in weights], 1.0 / float(temperature), float(eps),
+        0 if mu is None else mu.data_ptr(), wts.data_ptr(), 1.0 / float(temperature), float(eps),
         terms.data_ptr(), ge.data_ptr(), ga.data_ptr(), gv.data_ptr(), threads or get_num_threads())
     if bad >= 0:
-        raise ValueError(f"expr: row {bad} has class {int(ex[bad])} outside [0, {c}) under a true expr_mask")
+        raise invalid_class_error(bad, int(ex[bad]), c)
     return terms, as_contiguous(ge, z_e.dtype), as_contiguous(ga, z_a.dtype), as_contiguous(gv, v.dtype)
 
 
 def _cpu_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     terms, ge, ga, gv = objective_cpu(*args, check=False)
-    terms = terms.float()
     return terms[0].clone(), terms, ge, ga, gv
 
 

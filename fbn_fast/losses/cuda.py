@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .backends import grid_barrier, load_extension
-from .op import as_contiguous, check_inputs, compute_dtype, register_impl
+from .op import as_contiguous, check_inputs, compute_dtype, register_impl, weight_vector
 
 _cuda_ext, _cuda_missing = load_extension("_native_cuda")
 
@@ -186,13 +187,15 @@ def limits(z_e: Tensor, b: int, c: int, k: int) -> None:
 
 def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor,
                    au_mask: Tensor, va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None,
-                   weights: tuple[float, ...], temperature: float, eps: float, path: str = "auto",
+                   weights: Tensor | Sequence[float], temperature: float, eps: float, path: str = "auto",
                    total: Tensor | None = None, barrier: bool | None = None,
                    check: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ``cuda`` backend; ``check`` runs the op's input check (the op calls this with ``check=False``).
 
     Returns ``[total, *TERMS]`` in the compute dtype and the gradients in the inputs' dtypes; ``total`` (a 0-d
-    float32 tensor on the device), when given, also receives the total. ``path``: ``built`` (the compiled
+    tensor of the compute dtype on the device), when given, also receives the total. ``weights``: one per term
+    (a tensor on the device, which the kernel reads: new values never recompile; or floats; or the six of
+    ``WEIGHTS``). ``path``: ``built`` (the compiled
     extension), ``nvrtc`` (cupy at run time) or ``auto`` (built when present; ``FBN_FAST_CUDA_NVRTC=1``
     forces NVRTC). ``barrier``: the grid-barrier mode instead of the split plan (``None``: the documented
     switch, :func:`fbn_fast.losses.backends.grid_barrier`). An expression class outside [0, C) under a true
@@ -237,23 +240,23 @@ def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask:
     work = torch.empty(work_bytes, dtype=torch.uint8, device=dev)
     terms = torch.empty(9, dtype=dt, device=dev)
     ge, ga, gv = torch.empty_like(ze), torch.empty_like(za), torch.empty_like(vv)
-    if total is not None and (total.shape != () or total.dtype != torch.float32 or total.device != dev):
-        raise ValueError(f"total: expected a 0-d float32 tensor on {dev}, got {tuple(total.shape)} "
+    if total is not None and (total.shape != () or total.dtype != dt or total.device != dev):
+        raise ValueError(f"total: expected a 0-d {dt} tensor on {dev}, got {tuple(total.shape)} "
                          f"{total.dtype} on {total.device}")
+    wts = as_contiguous(weight_vector(weights, terms).detach(), torch.float64)
     ptrs = [t.data_ptr() for t in (ze, za, vv, ex, me, ya, ma, yv, mv, rel)]
     ptrs += [0 if mu is None else mu.data_ptr(), terms.data_ptr(), 0 if total is None else total.data_ptr()]
-    ptrs += [t.data_ptr() for t in (ge, ga, gv, work)]
-    w = [float(x) for x in weights]
+    ptrs += [t.data_ptr() for t in (ge, ga, gv, work, wts)]
     stream = torch.cuda.current_stream(dev).cuda_stream
     if path == "built":
         _cuda_ext.launch(_DTYPE_CODE[tin], face, cooperative, dev.index, stream, grid, block, smem, ptrs, work_bytes,
-                         b, c, k, mu is not None, use_smem, w, 1.0 / float(temperature), float(eps))
+                         b, c, k, mu is not None, use_smem, 1.0 / float(temperature), float(eps))
     else:
         import numpy as np
 
         args = [np.uint64(p) for p in ptrs] + [np.int64(work_bytes), np.int64(b), np.int32(c), np.int32(k),
                                                 np.int32(mu is not None), np.int32(use_smem)]
-        args += [np.float64(x) for x in w] + [np.float64(1.0 / float(temperature)), np.float64(eps)]
+        args += [np.float64(1.0 / float(temperature)), np.float64(eps)]
         # cupy launches this module's kernels cooperatively; the split plan's grid fits all the same (same cap).
         phases = (_PHASE_ALL,) if cooperative else (_PHASE_STATS, _PHASE_ROWS)
         with nv.cupy.cuda.Device(dev.index):
@@ -263,9 +266,9 @@ def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask:
 
 
 def _cuda_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    total = torch.empty((), dtype=torch.float32, device=args[0].device)
+    total = torch.empty((), dtype=compute_dtype(args[0]), device=args[0].device)
     terms, ge, ga, gv = objective_cuda(*args, total=total, check=False)
-    return total, terms.float(), ge, ga, gv
+    return total, terms, ge, ga, gv
 
 
 # -------------------------------------------------------------------------------------- availability
