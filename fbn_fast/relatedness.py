@@ -2,12 +2,14 @@
 
 A :class:`Relatedness` carries its label names, so a table saved for one label order can never be applied
 to another silently: :meth:`Relatedness.check_labels` and :func:`load` raise with both orders named.
+:meth:`Relatedness.select` subsets or reorders a table by label names, :meth:`Relatedness.rename` renames them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +97,34 @@ class Relatedness:
         if tuple(aus) != self.aus:
             raise ValueError(f"relatedness columns are {list(self.aus)} but the model's AUs are {list(aus)}")
 
+    def select(self, classes: Sequence[str] | None = None, aus: Sequence[str] | None = None) -> Relatedness:
+        """The table restricted to, and reordered as, these class and AU names (``None`` keeps that axis).
+
+        Rows of ``va_means`` and of the per-cell ``meta["annotated_counts"]`` follow. Raises ``ValueError``
+        naming every unknown or repeated name, with the names this table has.
+        """
+        rows = _indices("class", self.classes, classes)
+        cols = _indices("AU", self.aus, aus)
+        meta = dict(self.meta)
+        counts = np.asarray(meta.get("annotated_counts", []))
+        if counts.shape == self.matrix.shape:  # per-cell counts follow the cells; anything else is kept as is
+            meta["annotated_counts"] = counts[np.ix_(rows, cols)].tolist()
+        return Relatedness(
+            self.matrix[np.ix_(rows, cols)],
+            tuple(self.classes[i] for i in rows),
+            tuple(self.aus[i] for i in cols),
+            va_means=None if self.va_means is None else self.va_means[rows],
+            source=self.source,
+            meta=meta,
+        )
+
+    def rename(self, classes: Mapping[str, str] | None = None, aus: Mapping[str, str] | None = None) -> Relatedness:
+        """The same table under other label names: ``classes``/``aus`` map old names to new ones (names not
+        in a mapping are kept). Raises ``ValueError`` naming a key this table lacks or a name used twice."""
+        new_classes = _renamed("class", self.classes, classes or {})
+        new_aus = _renamed("AU", self.aus, aus or {})
+        return Relatedness(self.matrix, new_classes, new_aus, self.va_means, self.source, dict(self.meta))
+
     def tensor(self, device=None, dtype=None):
         """The matrix as a torch tensor (float32 by default)."""
         import torch
@@ -132,6 +162,35 @@ class Relatedness:
             source=obj.get("source", "file"),
             meta=obj.get("meta", {}),
         )
+
+
+def _indices(axis: str, names: tuple[str, ...], wanted: Sequence[str] | None) -> list[int]:
+    """Positions of ``wanted`` in ``names`` (all of them, in order, for ``None``)."""
+    if wanted is None:
+        return list(range(len(names)))
+    if isinstance(wanted, str):
+        raise TypeError(f"{axis} names must be a sequence of names, got the string {wanted!r}")
+    wanted = list(wanted)
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise ValueError(f"unknown {axis} name(s) {unknown}; this table has {list(names)}")
+    repeated = sorted({n for n in wanted if wanted.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{axis} name(s) {repeated} given more than once")
+    if not wanted:
+        raise ValueError(f"select needs at least one {axis} name")
+    return [names.index(n) for n in wanted]
+
+
+def _renamed(axis: str, names: tuple[str, ...], mapping: Mapping[str, str]) -> tuple[str, ...]:
+    unknown = [n for n in mapping if n not in names]
+    if unknown:
+        raise ValueError(f"cannot rename unknown {axis} name(s) {unknown}; this table has {list(names)}")
+    out = tuple(mapping.get(n, n) for n in names)
+    repeated = sorted({n for n in out if out.count(n) > 1})
+    if repeated:
+        raise ValueError(f"renaming gives the {axis} name(s) {repeated} to more than one label")
+    return out
 
 
 def prior() -> Relatedness:

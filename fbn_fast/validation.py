@@ -54,6 +54,17 @@ def validate_relatedness(matrix: Any, num_classes: int | None = None, num_aus: i
         raise ValueError(_where(name, idx, float(m[idx])) + ", outside [0, 1]")
 
 
+def _label_sizes(num_classes: int | None, num_aus: int | None, relatedness: Any) -> tuple[int, int]:
+    """``(C, K)`` for :func:`validate_labels`: given sizes must agree with the table's shape when both are given."""
+    if relatedness is None:
+        from .labels import AUS, EXPRESSIONS
+
+        return (len(EXPRESSIONS) if num_classes is None else num_classes, len(AUS) if num_aus is None else num_aus)
+    table = _np(getattr(relatedness, "matrix", relatedness))
+    _check_shape("relatedness", table, (num_classes, num_aus))
+    return int(table.shape[0]), int(table.shape[1])
+
+
 def validate_labels(
     expr: Any = None,
     expr_mask: Any = None,
@@ -61,15 +72,19 @@ def validate_labels(
     au_mask: Any = None,
     va: Any = None,
     va_mask: Any = None,
-    num_classes: int = 7,
-    num_aus: int = 17,
+    num_classes: int | None = None,
+    num_aus: int | None = None,
     batch: int | None = None,
+    relatedness: Any = None,
 ) -> None:
     """Check labels and masks of one batch (or a whole manifest); ``None`` skips a task.
 
     Rules: ``expr`` in [0, C) where ``expr_mask``; ``au`` exactly 0 or 1 where ``au_mask``; ``va`` finite and
     in [-1, 1] where ``va_mask``; every tensor of the batch length with the right trailing size.
+    ``C`` and ``K`` are ``num_classes``/``num_aus``, else the shape of ``relatedness`` (a
+    :class:`~fbn_fast.relatedness.Relatedness`, an array or a tensor), else the package's label space (7, 17).
     """
+    num_classes, num_aus = _label_sizes(num_classes, num_aus, relatedness)
     pairs = [("expr", expr, expr_mask, ()), ("au", au, au_mask, (num_aus,)), ("va", va, va_mask, (2,))]
     for name, lab, mask, trail in pairs:
         if lab is None and mask is None:

@@ -3,26 +3,38 @@
 >>> loss_fn = FaceBehaviorLoss(relatedness.prior())
 >>> out = loss_fn(z_e, z_a, v, expr=..., expr_mask=..., au=..., au_mask=..., va=..., va_mask=...)
 >>> out.total.backward(); log(out.terms)   # terms: dict of 0-d tensors, detached, no host sync
+
+Weights are data: one per term (:data:`TERM_WEIGHTS`), as :class:`LossWeights` (floats) or as a tensor of 8
+on the logits' device, which may require grad (d total / d w_i = L_i) and may change every step without
+recompiling a compiled step. ``differentiable_terms=True`` makes every term differentiable from the same
+call (GradNorm, PCGrad, MGDA). ``out.counts`` says how many labelled entries each term averaged over.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass
-from typing import NamedTuple
+from collections.abc import Sequence
+from dataclasses import KW_ONLY, dataclass, fields
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+import torch.distributed as dist
+from torch import Tensor
 
 from ..validation import validate_labels, validate_relatedness
 from .backends import BACKENDS, available_backends, resolve_backend
-from .op import check_inputs, compute_dtype, objective
-from .reference import DEFAULT_EPS, TERMS, WEIGHTS, reference_terms
+from .distributed import global_objective
+from .op import check_classes, check_inputs, compute_dtype, objective
+from .reference import DEFAULT_EPS, TERM_WEIGHTS, TERMS, WEIGHT_GROUPS, WEIGHTS, expand_weights, reference_terms
+from .tables import TableModule
 
 __all__ = [
     "BACKENDS",
     "TERMS",
+    "TERM_WEIGHTS",
+    "WEIGHTS",
+    "WEIGHT_GROUPS",
     "FaceBehaviorLoss",
     "LossOutput",
     "LossWeights",
@@ -35,7 +47,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of method.md §3: supervised terms (1 in the paper), λ_ca, λ_dm, λ_ev. 0 switches a term off."""
+    """One weight per term of method.md §3 (:attr:`TERMS`), as floats; 0 switches a term off.
+
+    The six fields of method.md — the supervised terms (1 in the paper), λ_ca, λ_dm, λ_ev — set their terms
+    (``ca`` both co-annotation terms, ``dm`` both expression/AU matching terms, ``ev`` ``dm_ev``); the
+    per-term fields ``ca_ea, ca_ae, dm_ea, dm_ae, dm_ev`` override one term (``None``: its group's weight).
+    :meth:`vector` gives the eight per-term weights in :attr:`TERMS` order. For weights that change every
+    step or are learned, pass a tensor of eight instead (see :func:`face_behavior_loss`).
+    """
 
     expr: float = 1.0
     au: float = 1.0
@@ -43,29 +62,100 @@ class LossWeights:
     ca: float = 1.0
     dm: float = 1.0
     ev: float = 1.0
+    _: KW_ONLY  # the per-term overrides by name only: positional weights stay the six of method.md
+    ca_ea: float | None = None
+    ca_ae: float | None = None
+    dm_ea: float | None = None
+    dm_ae: float | None = None
+    dm_ev: float | None = None
+
+    #: The terms, in the order of :meth:`vector` (and of a weight tensor).
+    TERMS: ClassVar[tuple[str, ...]] = TERM_WEIGHTS
 
     def __post_init__(self) -> None:
-        for name, w in zip(WEIGHTS, astuple(self)):
-            if not (math.isfinite(w) and w >= 0):
-                raise ValueError(f"loss weight {name!r} must be finite and >= 0, got {w!r}")
+        for f in fields(self):
+            w = getattr(self, f.name)
+            if w is not None and not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise ValueError(f"loss weight {f.name!r} must be a finite float >= 0, got {w!r} (pass a tensor "
+                                 f"of {len(TERM_WEIGHTS)} as weights= for weights that are learned or change)")
+
+    def vector(self) -> tuple[float, ...]:
+        """The eight per-term weights, in :attr:`TERMS` order."""
+        group = {t: g for g, ts in WEIGHT_GROUPS.items() for t in ts}
+        out = []
+        for t in TERM_WEIGHTS:
+            own = getattr(self, t) if t not in WEIGHT_GROUPS else None
+            out.append(float(own if own is not None else getattr(self, group[t])))
+        return tuple(out)
 
     @classmethod
-    def coerce(cls, weights: LossWeights | dict | None) -> LossWeights:
+    def coerce(cls, weights: LossWeights | dict | Sequence[float] | None) -> LossWeights:
+        """``weights`` as :class:`LossWeights`: ``None`` (all 1), a dict of field names, or a sequence of the
+        eight per-term weights (or of the six of method.md)."""
         if weights is None:
             return cls()
         if isinstance(weights, cls):
             return weights
-        unknown = set(weights) - set(WEIGHTS)
-        if unknown:
-            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; known: {list(WEIGHTS)}")
-        return cls(**weights)
+        if isinstance(weights, dict):
+            known = [f.name for f in fields(cls)]
+            unknown = set(weights) - set(known)
+            if unknown:
+                raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; known: {known}")
+            return cls(**weights)
+        if torch.is_tensor(weights):
+            raise ValueError("weights: a tensor is passed to the loss as is (weights=tensor), not coerced to floats")
+        return cls(**{t: w for t, w in zip(TERM_WEIGHTS, expand_weights(weights))})
 
 
 class LossOutput(NamedTuple):
-    """``total`` is differentiable; ``terms`` holds each term of method.md §3 (detached, for logging)."""
+    """``total`` is differentiable; ``terms`` holds each term of method.md §3 (detached for logging, unless
+    ``differentiable_terms=True``); ``counts`` the number of labelled entries each term averages over (0-d
+    int64 tensors, no host sync: ``expr``, ``va``, ``ca_ae`` count rows, ``au``, ``ca_ea`` (row, AU)
+    entries, ``dm_ea`` B·K, ``dm_ae`` B, ``dm_ev`` B with VA means, else 0)."""
 
     total: Tensor
     terms: dict[str, Tensor]
+    counts: dict[str, Tensor] | None = None
+
+
+#: Float weights as device tensors, by (values, device, dtype): a step with fixed weights then copies nothing
+#: to the device (on CUDA such a copy would wait for the stream).
+_WEIGHT_TENSORS: dict[tuple, Tensor] = {}
+
+
+def _weight_tensor(weights: LossWeights, device: torch.device, dtype: torch.dtype) -> Tensor:
+    values = weights.vector()
+    if torch.compiler.is_compiling():  # a graph constant under torch.compile
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (values, device, dtype)
+    t = _WEIGHT_TENSORS.get(key)
+    if t is None:
+        if len(_WEIGHT_TENSORS) > 64:
+            _WEIGHT_TENSORS.clear()
+        t = _WEIGHT_TENSORS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return t
+
+
+def _labels(name: str, label: Tensor | None, mask: Tensor | None) -> None:
+    if (label is None) != (mask is None):
+        given, missing = (name, f"{name}_mask") if mask is None else (f"{name}_mask", name)
+        raise ValueError(f"{given} is given without {missing}: pass both (a label without its mask, or a mask "
+                         f"without its label, would be ignored or train towards zeros)")
+
+
+def term_counts(expr_mask: Tensor, au_mask: Tensor, va_mask: Tensor, has_va_means: bool) -> dict[str, Tensor]:
+    """Labelled entries per term (see :class:`LossOutput`), as 0-d int64 tensors on the masks' device."""
+    b, k = au_mask.shape
+    me, mv = (expr_mask != 0).to(torch.int32), (va_mask != 0).to(torch.int32)
+    n_ann = (au_mask != 0).sum(1, dtype=torch.int32)  # annotated AUs per row
+    h = (n_ann > 0).to(torch.int32) * (1 - me)
+    # One reduction for the five label counts (few small kernels: this runs on every step).
+    per_row = torch.stack([me, n_ann, mv, me * (k - n_ann), h], 1).sum(0, dtype=torch.int64)
+    fixed = per_row.new_full((3,), b)  # B·K, B, B (0 without VA means): fills, no copy from the host
+    fixed[0] = b * k
+    if not has_va_means:
+        fixed[2] = 0
+    return dict(zip(TERMS, torch.cat([per_row, fixed]).unbind(0)))
 
 
 def face_behavior_loss(
@@ -80,51 +170,85 @@ def face_behavior_loss(
     va: Tensor | None = None,
     va_mask: Tensor | None = None,
     va_means: Tensor | None = None,
-    weights: LossWeights | dict | None = None,
+    weights: LossWeights | dict | Sequence[float] | Tensor | None = None,
     temperature: float = 1.0,
     eps: float = DEFAULT_EPS,
     backend: str = "auto",
     validate: bool = False,
+    differentiable_terms: bool = False,
+    process_group: dist.ProcessGroup | None = None,
 ) -> LossOutput:
     """The objective of method.md §3 for one batch; see :class:`FaceBehaviorLoss`.
 
-    A task whose labels are ``None`` counts as unlabelled on every sample. ``validate=True`` checks labels
-    and masks first (a host sync: for debugging and data loading, not for the hot loop).
+    Labels come with their masks: a label without its mask (or a mask without its label) is an error, except
+    ``expr`` alone, where -1 marks a missing label (an ignore index). A task whose labels are ``None`` counts
+    as unlabelled on every sample. Masks are bool (or integer 0/1): float masks are rejected, not thresholded.
+    ``weights``: :class:`LossWeights` (or a dict or sequence of floats for it), or a floating tensor of one
+    weight per term (:data:`TERM_WEIGHTS`) on the logits' device, which may require grad and may change
+    every step without recompiling. ``differentiable_terms=True``: ``out.terms`` are differentiable too (the
+    fused backends' backward then relaunches their kernel once when a term's gradient is used).
+    ``validate=True`` checks label values and the table first (a host sync: for debugging and data loading,
+    not for the hot loop). An expression class outside [0, C) under a true mask raises ``ValueError`` on CPU
+    tensors (NaN ``expr`` term and total on a GPU, or under ``torch.compile``).
+    ``process_group`` (e.g. ``torch.distributed.group.WORLD``): normalise over the global batch of its ranks
+    (label counts and VA statistics all-reduced; values and ``counts`` of the global batch, gradients scaled
+    for DDP's mean over ranks; see :mod:`fbn_fast.losses.distributed`).
     """
-    weights = LossWeights.coerce(weights)
     dev = z_e.device
+    _labels("au", au, au_mask)
+    _labels("va", va, va_mask)
+    if expr is None and expr_mask is not None:
+        _labels("expr", expr, expr_mask)
+    if expr is not None and expr_mask is None:
+        expr_mask = expr != -1  # -1: no expression label (an ignore index)
     # Sizes for the default (unlabelled) tasks only: the op's contract checks every shape below.
     b = z_e.shape[0] if z_e.ndim else 0
     k = z_a.shape[-1] if z_a.ndim else 0
+    ft = compute_dtype(z_e)
     expr = torch.zeros(b, dtype=torch.long, device=dev) if expr is None else expr
     expr_mask = torch.zeros(b, dtype=torch.bool, device=dev) if expr_mask is None else expr_mask
-    au = torch.zeros(b, k, dtype=torch.float32, device=dev) if au is None else au
+    au = torch.zeros(b, k, dtype=ft, device=dev) if au is None else au
     au_mask = torch.zeros(b, k, dtype=torch.bool, device=dev) if au_mask is None else au_mask
-    va = torch.zeros(b, 2, dtype=torch.float32, device=dev) if va is None else va
+    va = torch.zeros(b, 2, dtype=ft, device=dev) if va is None else va
     va_mask = torch.zeros(b, dtype=torch.bool, device=dev) if va_mask is None else va_mask
+    if torch.is_tensor(weights):
+        w = weights
+    else:
+        w = _weight_tensor(LossWeights.coerce(weights), dev, ft)
 
     name = resolve_backend(backend, dev)
-    # Labels and tables in the compute dtype of every backend: float64 stays float64 (no lossy round trip).
-    ft = compute_dtype(z_e)
-    labels = (expr.long(), expr_mask.bool(), au.to(ft), au_mask.bool(), va.to(ft), va_mask.bool())
-    rel = relatedness.to(ft)
-    mu = None if va_means is None else va_means.to(ft)
-    w = astuple(weights)
-    args = (z_e, z_a, v, *labels, rel, mu, w, float(temperature), float(eps))
-    if validate or name == "torch":  # the fused op checks its inputs itself
-        _, c, k = check_inputs(name, *args)
+    args = (z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means, w, float(temperature),
+            float(eps))
+    # The op's contract, before anything reads the labels (the counts, a DDP reduction); no host sync.
+    _, c, k = check_inputs(name, *args)
     if validate:
         validate_relatedness(relatedness, c, k)
         validate_labels(expr, expr_mask, au, au_mask, va, va_mask, num_classes=c, num_aus=k, batch=b)
     if name == "torch":
-        terms = reference_terms(*args)
-        total = terms[0]
-    else:
-        total, terms, *_ = objective(*args[:-3], list(w), float(temperature), float(eps), name)
-    return LossOutput(total, dict(zip(TERMS, terms.detach()[1:].unbind(0))))
+        if not torch.compiler.is_compiling():  # a data-dependent check; compiled, a bad class gives NaN
+            check_classes(expr, expr_mask, c)
+
+    def run(weights: Tensor) -> tuple[Tensor, Tensor]:
+        """The total and the eight terms of this batch with the per-term weight tensor ``weights``."""
+        call = (*args[:11], weights, *args[12:])
+        if name == "torch":
+            terms = reference_terms(*call)
+            return terms[0], terms[1:]
+        total, terms = objective(*call, name, differentiable_terms)[:2]
+        return total, terms[1:]
+
+    counts = term_counts(expr_mask, au_mask, va_mask, va_means is not None)
+    if process_group is not None:
+        total, terms, global_counts = global_objective(run, v, va, va_mask, torch.stack([counts[t] for t in TERMS]),
+                                                       w, process_group, differentiable_terms)
+        return LossOutput(total, dict(zip(TERMS, terms.unbind(0))), dict(zip(TERMS, global_counts.unbind(0))))
+    total, terms = run(w)
+    if not differentiable_terms:
+        terms = terms.detach()
+    return LossOutput(total, dict(zip(TERMS, terms.unbind(0))), counts)
 
 
-class FaceBehaviorLoss(nn.Module):
+class FaceBehaviorLoss(TableModule):
     """The FaceBehaviorNet co-training objective as a module (method.md §3).
 
     Args:
@@ -132,25 +256,39 @@ class FaceBehaviorLoss(nn.Module):
             (its label order is checked against ``classes``/``aus`` when given), an array or a tensor.
         va_means: C×2 mean VA per class for the expression→VA matching term (taken from a
             ``Relatedness`` that carries them when omitted); without it that term is 0.
-        weights: :class:`LossWeights` or a dict of them (``expr, au, va, ca, dm, ev``).
+        weights: :class:`LossWeights` or a dict of its fields (``expr, au, va, ca, dm, ev`` and the per-term
+            ``ca_ea, ca_ae, dm_ea, dm_ae, dm_ev``), or a floating tensor of one weight per term
+            (:data:`TERM_WEIGHTS`; an ``nn.Parameter`` is learned with the module). ``forward(weights=...)``
+            overrides them for one call (weights that change every step: a tensor, no recompilation).
+        differentiable_terms: make ``out.terms`` differentiable (one call for GradNorm, PCGrad, MGDA).
         temperature: T of the AU→expression softmaxes.
         backend: ``auto`` (fastest available for the tensors' device), ``torch``, ``triton``, ``cpu``, ``cuda``.
         validate: check labels on every call (a host sync; off in training).
+        persistent: save the relatedness table and VA means in the module's ``state_dict`` (default: not
+            saved, and a state dict that has them loads with them ignored, so a checkpoint never overwrites
+            the table given here; see :mod:`fbn_fast.losses.tables`). Either way they stay float32 under
+            ``module.to(dtype)``/``.half()``/``.bfloat16()``.
+        process_group: normalise over the global batch of this group's ranks under DDP (e.g.
+            ``torch.distributed.group.WORLD``; opt-in, see :mod:`fbn_fast.losses.distributed`): the loss and,
+            after DDP's mean, the gradient of the global batch. ``None``: each rank normalises its own batch.
     """
 
     def __init__(
         self,
         relatedness,
         va_means=None,
-        weights: LossWeights | dict | None = None,
+        weights: LossWeights | dict | Sequence[float] | Tensor | None = None,
         temperature: float = 1.0,
         eps: float = DEFAULT_EPS,
         backend: str = "auto",
         validate: bool = False,
         classes: tuple[str, ...] | None = None,
         aus: tuple[str, ...] | None = None,
+        persistent: bool = False,
+        differentiable_terms: bool = False,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(persistent)
         from ..relatedness import Relatedness
 
         if isinstance(relatedness, Relatedness):
@@ -161,22 +299,27 @@ class FaceBehaviorLoss(nn.Module):
             relatedness = relatedness.matrix
         matrix = torch.as_tensor(np.asarray(relatedness) if not torch.is_tensor(relatedness) else relatedness,
                                  dtype=torch.float32)
-        validate_relatedness(matrix)
-        self.register_buffer("relatedness", matrix.clone())
+        # A plain table is checked against the label names given with it (a Relatedness was checked above).
+        validate_relatedness(matrix, None if classes is None else len(classes), None if aus is None else len(aus))
+        self.register_table("relatedness", matrix)
         if va_means is not None:
             va_means = torch.as_tensor(np.asarray(va_means) if not torch.is_tensor(va_means) else va_means,
-                                       dtype=torch.float32).clone()
-        self.register_buffer("va_means", va_means)
-        self.weights = LossWeights.coerce(weights)
+                                       dtype=torch.float32)
+        self.register_table("va_means", va_means)
+        self.weights = weights if torch.is_tensor(weights) else LossWeights.coerce(weights)
+        self.differentiable_terms = bool(differentiable_terms)
+        self.process_group = process_group
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
         self.temperature, self.eps, self.backend, self.validate = float(temperature), float(eps), backend, validate
 
     def forward(self, z_e: Tensor, z_a: Tensor, v: Tensor, expr=None, expr_mask=None, au=None, au_mask=None,
-                va=None, va_mask=None) -> LossOutput:
+                va=None, va_mask=None, weights: Tensor | LossWeights | None = None) -> LossOutput:
         return face_behavior_loss(z_e, z_a, v, self.relatedness, expr, expr_mask, au, au_mask, va, va_mask,
-                                  va_means=self.va_means, weights=self.weights, temperature=self.temperature,
-                                  eps=self.eps, backend=self.backend, validate=self.validate)
+                                  va_means=self.va_means, weights=self.weights if weights is None else weights,
+                                  temperature=self.temperature, eps=self.eps, backend=self.backend,
+                                  validate=self.validate, differentiable_terms=self.differentiable_terms,
+                                  process_group=self.process_group)
 
     def extra_repr(self) -> str:
         c, k = self.relatedness.shape
