@@ -1,4 +1,4 @@
-"""Zero- and few-shot compound expressions (method.md §4).
+"""Zero- and few-shot compound expressions (docs/method.md §4).
 
 Zero-shot: with the compound relatedness table ``R_comp`` (J×K, :func:`fbn_fast.relatedness.compound_prior`),
 ``P(j | image) = softmax_j(ℓ_comp(s)/T + β·(log p[c1(j)] + log p[c2(j)]))`` from the AU probabilities ``s``

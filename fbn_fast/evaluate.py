@@ -1,10 +1,10 @@
-"""Evaluate a model on a manifest: the per-dataset metrics of method.md §5 and zero-shot compounds.
+"""Evaluate a model on a manifest: the per-dataset metrics of docs/method.md §5 and zero-shot compounds.
 
     python -m fbn_fast.evaluate CHECKPOINT MANIFEST [--data-root DIR] [--split test] [--json OUT] [--truth FILE]
 
 Each dataset is scored only on the tasks it labels (expression accuracy / macro-F1 / ABAW, per-AU F1 and
 mean accuracy, VA CCC). Datasets with compound labels are also scored on zero-shot compound recognition
-(method.md §4: accuracy, macro-F1, UAR) from the AU predictions through the compound table, with the
+(docs/method.md §4: accuracy, macro-F1, UAR) from the AU predictions through the compound table, with the
 optional β term of the basic-expression log-posteriors.
 
 With a *hidden truth* (the full labels of every image, which SynthFace keeps beside its manifest), every
@@ -16,7 +16,7 @@ their mean F1: how well the model predicts what it was never shown.
 its shard of a prebuilt loader and the statistics are summed across ranks) call it; :func:`format_report`
 is the one way its result is printed.
 
-Choices where method.md is silent (our choices):
+Choices where the papers are silent (ours, documented in docs/method.md):
 
 - Compound classes: by default the softmax runs over the compound classes that occur in the manifest's
   compound column (RAF-DB's eleven for RAF-DB, as the paper scores it); ``compound_classes="all"`` uses all
@@ -333,7 +333,7 @@ SHARED_OPTIONS = ("data_root", "datasets", "batch_size", "image_size", "device",
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m fbn_fast.evaluate``."""
-    p = command_parser("evaluate", "Per-dataset metrics (method.md §5) of a checkpoint on a manifest, zero-shot "
+    p = command_parser("evaluate", "Per-dataset metrics (docs/method.md §5) of a checkpoint on a manifest, zero-shot "
                        "compounds, and scores on unlabelled tasks when the hidden truth is available.")
     p.add_argument("manifest", help="the manifest (.npz) to evaluate on")
     p.add_argument("--split", default="test", help="manifest split to score (default: test)")

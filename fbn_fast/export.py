@@ -8,7 +8,7 @@ float32, any batch size N, and returns four tensors:
 - ``expression_probabilities`` (N, C): softmax of the expression logits;
 - ``au_probabilities`` (N, K): sigmoid of the AU logits;
 - ``va`` (N, 2): valence, arousal in [-1, 1];
-- ``compound_probabilities`` (N, J): zero-shot compound posteriors (method.md §4, with the chosen β and T).
+- ``compound_probabilities`` (N, J): zero-shot compound posteriors (docs/method.md §4, with the chosen β and T).
 
 The sidecar (``<out>.json``, e.g. ``step_00001000.onnx.json``) names every output column (expressions, AUs,
 compounds), and gives the input size, the normalisation (per-channel mean and std on a 0–1 RGB scale:

@@ -1,4 +1,4 @@
-"""Few-shot compound expressions (method.md §4): fine-tune the zero-shot compound head on k images per class.
+"""Few-shot compound expressions (docs/method.md §4): fine-tune the zero-shot compound head on k images per class.
 
     python -m fbn_fast.fewshot CHECKPOINT MANIFEST --shots K [--finetune-trunk] [--split test] [--json OUT]
 
@@ -8,7 +8,7 @@ initialised to exactly the zero-shot weights, is fine-tuned on the support set's
 frozen), or with ``--finetune-trunk`` together with the whole network; both are then scored on the query
 set beside the zero-shot head: accuracy, macro-F1 and UAR.
 
-Choices where method.md is silent (our choices):
+Choices where the papers are silent (ours, documented in docs/method.md):
 
 - Classes: those that occur in the manifest's compound column (``--compound-classes all`` for all 15).
 - With ``--finetune-trunk`` the network stays in eval mode (batch-norm statistics frozen: k images per
@@ -265,8 +265,9 @@ SHARED_OPTIONS = ("data_root", "batch_size", "image_size", "device", "amp_dtype"
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m fbn_fast.fewshot``."""
-    p = command_parser("fewshot", "Few-shot compound expressions (method.md §4): fine-tune the zero-shot-initialised "
-                       "compound head on K images per class and compare with zero-shot on the remaining images.")
+    p = command_parser("fewshot", "Few-shot compound expressions (docs/method.md §4): fine-tune the "
+                       "zero-shot-initialised compound head on K images per class and compare with zero-shot on the "
+                       "remaining images.")
     p.add_argument("manifest", help="a manifest with compound labels (.npz)")
     p.add_argument("--shots", type=int, required=True, help="labelled images per compound class (K)")
     p.add_argument("--finetune-trunk", action="store_true", help="fine-tune the whole network with the head")

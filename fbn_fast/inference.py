@@ -369,7 +369,7 @@ def parse_compound_classes(spec: str | Sequence[int]) -> str | list[int]:
 
 def compound_scorer(spec: str | Sequence[int], manifest: Manifest, *, beta: float = 0.0,
                     temperature: float = 1.0) -> CompoundScorer:
-    """The zero-shot compound scorer of a ``--compound-classes`` value on ``manifest`` (method.md §4)."""
+    """The zero-shot compound scorer of a ``--compound-classes`` value on ``manifest`` (docs/method.md §4)."""
     classes = parse_compound_classes(spec)
     if classes == "present":
         classes = present_compounds(manifest) or None  # no compound labels: score over the whole table
@@ -392,7 +392,8 @@ def add_compound_options(parser: argparse.ArgumentParser | argparse._ArgumentGro
         parser.add_argument("--compound-classes", default="present", type=_compound_classes_type,
                             help="'present' (classes in the manifest, default), 'all' (15), or comma-separated ids")
     parser.add_argument("--beta", type=float, default=0.0,
-                        help="weight β of the basic-expression log-posteriors in zero-shot compounds (method.md §4)")
+                        help="weight β of the basic-expression log-posteriors in zero-shot compounds "
+                             "(docs/method.md §4)")
     parser.add_argument("--temperature", type=float, default=1.0, help="temperature T of the compound softmax")
 
 

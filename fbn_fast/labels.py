@@ -1,4 +1,4 @@
-"""Label spaces of the three face tasks and remapping from the orders real corpora use (method.md §1).
+"""Label spaces of the three face tasks and remapping from the orders real corpora use (docs/method.md §1).
 
 The canonical orders here are the contract for every table, manifest and model output in the project.
 Corpora that use other orders are remapped on import; a class with no place in the canonical space
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Basic expressions, in the order of method.md §1.
+#: Basic expressions, in the order of docs/method.md §1.
 EXPRESSIONS: tuple[str, ...] = (
     "Neutral",
     "Anger",
@@ -20,7 +20,7 @@ EXPRESSIONS: tuple[str, ...] = (
     "Surprise",
 )
 
-#: Action units (FACS numbers), in the order of method.md §1.
+#: Action units (FACS numbers), in the order of docs/method.md §1.
 AU_NUMBERS: tuple[int, ...] = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 24, 25, 26)
 AUS: tuple[str, ...] = tuple(f"AU{n}" for n in AU_NUMBERS)
 
@@ -46,7 +46,7 @@ COMPOUNDS: tuple[str, ...] = (
 #: RAF-DB's compound classes (the paper's zero-shot protocol: UAR over these eleven).
 RAFDB_COMPOUNDS: tuple[str, ...] = COMPOUNDS[:11]
 
-#: The two basic expressions each compound names (method.md §4, the optional β term). The last three
+#: The two basic expressions each compound names (docs/method.md §4, the optional β term). The last three
 #: compounds of Du et al. are named after no pair; we use the pair their AUs resemble most (our choice).
 COMPOUND_PARENTS: tuple[tuple[str, str], ...] = (
     ("Happiness", "Surprise"),

@@ -1,4 +1,4 @@
-"""Streaming evaluation metrics of method.md §5, per dataset, from sufficient statistics only.
+"""Streaming evaluation metrics of docs/method.md §5, per dataset, from sufficient statistics only.
 
 Every meter keeps a few small tensors that simply add up over batches (and over processes), so millions of
 samples are scored without holding them:
@@ -15,7 +15,7 @@ an update on CUDA tensors never waits for the device. Only ``compute()`` copies 
 Distributed evaluation: the statistics are plain sums, so ``meter.reduce_(dist.all_reduce)`` (or
 ``merge`` of a meter from another process, or adding ``state_dict()`` tensors) gives the global result.
 
-Choices where method.md is silent (our choices):
+Choices where the papers are silent (ours, documented in docs/method.md):
 
 - AU predictions are active when the probability is ``>= threshold`` (0.5); meters take probabilities unless
   built (or called) with ``from_logits=True``.
@@ -48,7 +48,7 @@ __all__ = [
     "ccc_from_moments",
 ]
 
-#: ABAW score weights (method.md §5).
+#: ABAW score weights (docs/method.md §5).
 EXPR_F1_WEIGHT, EXPR_ACC_WEIGHT = 0.67, 0.33
 AU_F1_WEIGHT, AU_ACC_WEIGHT = 0.5, 0.5
 
@@ -282,7 +282,7 @@ class _ConfusionMeter(_Meter):
 
 
 class ExpressionMeter(_ConfusionMeter):
-    """Basic expressions (method.md §5): accuracy, macro-F1 and the ABAW score ``0.67·F1 + 0.33·accuracy``.
+    """Basic expressions (docs/method.md §5): accuracy, macro-F1 and the ABAW score ``0.67·F1 + 0.33·accuracy``.
 
     ``compute`` also reports UAR, per-class F1 / recall and the confusion matrix.
     """
@@ -300,7 +300,7 @@ class ExpressionMeter(_ConfusionMeter):
 
 
 class CompoundMeter(_ConfusionMeter):
-    """Compound expressions (method.md §5): accuracy, macro-F1 and unweighted average recall (UAR)."""
+    """Compound expressions (docs/method.md §5): accuracy, macro-F1 and unweighted average recall (UAR)."""
 
     KNOWN_NAMES = COMPOUNDS
 
@@ -311,7 +311,7 @@ class CompoundMeter(_ConfusionMeter):
 
 
 class AUMeter(_Meter):
-    """Action units (method.md §5): per-AU F1 at ``threshold``, mean F1, mean accuracy, ABAW ``0.5·F1 + 0.5·acc``.
+    """Action units (docs/method.md §5): per-AU F1 at ``threshold``, mean F1, mean accuracy, ABAW ``0.5·F1 + 0.5·acc``.
 
     Inputs are probabilities in [0, 1] unless ``from_logits=True`` (then ``sigmoid`` is applied first, so the
     same threshold means the same decision either way). An AU counts as predicted active when its probability
@@ -417,7 +417,7 @@ def ccc_from_moments(n: Any, sx: Any, sy: Any, sxx: Any, syy: Any, sxy: Any) -> 
 
 
 class VAMeter(_Meter):
-    """Valence / arousal (method.md §5): CCC of each dimension and their mean, from float64 moments."""
+    """Valence / arousal (docs/method.md §5): CCC of each dimension and their mean, from float64 moments."""
 
     _MOMENTS = ("n", "sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")
 
@@ -468,7 +468,7 @@ class VAMeter(_Meter):
 
 
 class MultiDatasetMetrics:
-    """Per-dataset metrics of every task (method.md §5); each dataset is scored only on the tasks it labels.
+    """Per-dataset metrics of every task (docs/method.md §5); each dataset is scored only on the tasks it labels.
 
     >>> metrics = MultiDatasetMetrics(["affectnet", "rafdb", "disfa"])
     >>> metrics.update(batch_dataset_ids, expr_logits=z_e, expr=..., expr_mask=..., au_logits=z_a, au=...,

@@ -1,4 +1,4 @@
-"""FaceBehaviorNet (method.md §1): one shared trunk and three heads.
+"""FaceBehaviorNet (docs/method.md §1): one shared trunk and three heads.
 
 >>> model = build_model("resnet50")                 # channels-last, randomly initialised
 >>> out = model(images)                             # images: N×3×H×W, normalised, ideally channels-last
@@ -364,7 +364,7 @@ def build_trunk(name: str, pretrained: bool | str = False, **kwargs: Any) -> Tru
 
 # ---------------------------------------------------------------------------------------------------- model
 class FaceBehaviorNet(nn.Module):
-    """Trunk → features → three linear heads (method.md §1).
+    """Trunk → features → three linear heads (docs/method.md §1).
 
     ``expr``: C logits (softmax gives the expression posterior); ``au``: K logits (sigmoid gives AU
     probabilities); ``va``: ``tanh`` of a linear layer, so valence and arousal lie in [-1, 1].

@@ -234,7 +234,7 @@ def predict(
     ``annotate_dir``, when given). A face: ``box`` (the face), ``crop`` (the region scored), ``expression``
     (``label``, ``probabilities`` by class name), ``aus`` (``probabilities`` by AU name, ``active``: AUs at or
     above ``au_threshold``), ``va`` (``valence``, ``arousal``), ``compound`` (the ``top_k`` zero-shot compound
-    classes; β and T as in method.md §4). ``device`` and ``amp_dtype`` take the values of train's ``--device``
+    classes; β and T as in docs/method.md §4). ``device`` and ``amp_dtype`` take the values of train's ``--device``
     and ``--amp-dtype``. ``trained_on`` (:func:`fbn_fast.checkpoint.read_trained_on`): a SynthFace-only model
     warns once (:class:`SyntheticModelWarning`) when a file lies outside its SynthFace folder.
     """

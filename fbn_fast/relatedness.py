@@ -1,4 +1,4 @@
-"""Task relatedness (method.md §2): expression→AU tables, their estimation from data, VA means, JSON I/O.
+"""Task relatedness (docs/method.md §2): expression→AU tables, their estimation from data, VA means, JSON I/O.
 
 A :class:`Relatedness` carries its label names, so a table saved for one label order can never be applied
 to another silently: :meth:`Relatedness.check_labels` and :func:`load` raise with both orders named.
@@ -194,12 +194,12 @@ def _renamed(axis: str, names: tuple[str, ...], mapping: Mapping[str, str]) -> t
 
 
 def prior() -> Relatedness:
-    """The 7×17 expert table of method.md §2 (Neutral a row of zeros)."""
+    """The 7×17 expert table of docs/method.md §2 (Neutral a row of zeros)."""
     return Relatedness(_table(_PRIOR_SPEC, EXPRESSIONS), EXPRESSIONS, AUS, source="prior")
 
 
 def compound_prior() -> Relatedness:
-    """The 15×17 compound table of method.md §2."""
+    """The 15×17 compound table of docs/method.md §2."""
     return Relatedness(_table(_COMPOUND_SPEC, COMPOUNDS), COMPOUNDS, AUS, source="compound-prior")
 
 
@@ -212,7 +212,7 @@ def estimate(
     alpha: float = 0.0,
     base: Relatedness | None = None,
 ) -> Relatedness:
-    """Data-driven relatedness from co-annotated samples (method.md §2).
+    """Data-driven relatedness from co-annotated samples (docs/method.md §2).
 
     ``R[c,k] = (n_ck_active + alpha·R_prior[c,k]) / (n_ck_annotated + alpha)`` over samples with an
     expression label (``expr != MISSING``) and AU ``k`` annotated. Cells with no data and ``alpha = 0``

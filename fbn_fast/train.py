@@ -17,7 +17,7 @@ under the root in use, relatedness, label spaces), each failure naming the optio
                         skipped non-finite steps) and one per evaluation
 ``tensorboard/``        the same records and the config as TensorBoard events, when the ``tensorboard``
                         package is installed (``pip install "fbn_fast[tensorboard]"``)
-``eval.json``           the end: per-dataset metrics of method.md §5 of the chosen model on ``--eval-split``
+``eval.json``           the end: per-dataset metrics of docs/method.md §5 of the chosen model on ``--eval-split``
                         (``no_split`` names the datasets without it), ``validation`` (the last val scores)
 ``best.json``           step and validation score of ``checkpoints/best.pt``
 ``checkpoints/``        ``step_<N>.pt`` every ``--ckpt-every`` and ``--eval-every`` steps, at the end and on

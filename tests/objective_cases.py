@@ -315,7 +315,7 @@ def backend_targets() -> list[tuple[str, str, str | None]]:
         report = {} if no_device else available_backends(device)
         for name in BACKENDS:
             if device in SERVES[name]:
-                why = no_device or (None if report[name] == "available" else report[name])
+                why = no_device or (None if report[name].startswith("available") else report[name])
                 targets.append((name, device, why))
     return targets
 

@@ -1,4 +1,4 @@
-"""Zero- and few-shot compound expressions (method.md §4) against independent numpy computations."""
+"""Zero- and few-shot compound expressions (docs/method.md §4) against independent numpy computations."""
 
 from __future__ import annotations
 

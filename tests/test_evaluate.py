@@ -1,4 +1,4 @@
-"""Evaluation (method.md §5) of a tiny model on a tiny manifest, against an independent computation.
+"""Evaluation (docs/method.md §5) of a tiny model on a tiny manifest, against an independent computation.
 
 The reference runs the model on every test image through the single-image path of ``fbn_fast.predict`` (not
 the data pipeline) and computes every metric with plain Python loops here.

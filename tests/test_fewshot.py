@@ -1,4 +1,4 @@
-"""Few-shot compound expressions (method.md §4) end to end: support/query split, head and trunk fine-tuning."""
+"""Few-shot compound expressions (docs/method.md §4) end to end: support/query split, head and trunk fine-tuning."""
 
 from __future__ import annotations
 

@@ -71,14 +71,14 @@ def test_recipe_import_each_corpus_from_its_folder_concat_and_find_every_image(t
     assert (f"1 of all 4 images are missing under {faces} (e.g. RAF-DB/basic/Image/aligned/test_0001_aligned.jpg)"
             in out)
     # The wrong root: every image missing, the root it used in the message; --json carries the same.
-    assert main(["info", str(tmp_path / "all.npz"), "--check-files", "--root", str(an), "--json"]) == 1
+    assert main(["info", str(tmp_path / "all.npz"), "--check-files", "--data-root", str(an), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["root"] == str(faces)
     assert report["check_files"] == {"root": str(an), "rows": 4, "checked": 4, "missing": 4, "examples": [
         "AffectNet/Manually_Annotated_Images/1/a.jpg", "AffectNet/Manually_Annotated_Images/2/b.jpg",
         "RAF-DB/basic/Image/aligned/train_00001_aligned.jpg", "RAF-DB/basic/Image/aligned/test_0001_aligned.jpg"]}
-    assert main(["info", str(tmp_path / "all.npz"), "--root", str(an)]) == 2
-    assert "--root and --sample go with --check-files" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "all.npz"), "--root", str(an)]) == 2  # the old spelling still parses
+    assert "--data-root and --sample go with --check-files" in capsys.readouterr().err
 
 
 def test_prefix_that_names_the_corpus_folder_records_the_folder_above(tmp_path, caplog):
@@ -122,13 +122,13 @@ def test_concat_rebases_different_roots_or_refuses_with_the_fix(tmp_path):
     assert joined.bad_rows() == []
     # An explicit --root above both.
     assert list(Manifest.concat([a, b], root="/data").paths)[0] == "faces/AffectNet/x/1.jpg"
-    with pytest.raises(ValueError, match=r"B.npz: its image root /data/faces/raf/RAF-DB is not inside --root "
-                                         r"/data/faces/AffectNet; pick a --root that holds every corpus folder, "
-                                         r"e.g. --root /data/faces"):
+    with pytest.raises(ValueError, match=r"B.npz: its image root /data/faces/raf/RAF-DB is not inside --data-root "
+                                         r"/data/faces/AffectNet; pick a --data-root that holds every corpus "
+                                         r"folder, e.g. --data-root /data/faces"):
         Manifest.concat([a, b], root="/data/faces/AffectNet", names=["A.npz", "B.npz"])
     # A manifest without a root next to one with a root: refused, naming the file and what to type.
     legacy = manifest(["RAF-DB/3.jpg"], None, "b")
-    with pytest.raises(ValueError, match=r"old.npz records no image root .* concat \.\.\. --root DIR"):
+    with pytest.raises(ValueError, match=r"old.npz records no image root .* concat \.\.\. --data-root DIR"):
         Manifest.concat([a, legacy], names=["new.npz", "old.npz"])
     both = Manifest.concat([a, legacy], root="/data/faces")
     assert list(both.paths) == ["AffectNet/x/1.jpg", "AffectNet/x/2.jpg", "RAF-DB/3.jpg"]

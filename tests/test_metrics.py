@@ -1,4 +1,4 @@
-"""Streaming metrics (method.md §5) against values computed independently here (by hand or numpy loops)."""
+"""Streaming metrics (docs/method.md §5) against values computed independently here (by hand or numpy loops)."""
 
 from __future__ import annotations
 

@@ -146,7 +146,8 @@ def test_checkpoint_roundtrip_and_load_model(tmp_path):
                            loader_states=[loader_state], rng_states=[capture_rng()], config=cfg.to_dict(),
                            relatedness=rel.to_json(), counters={"nonfinite_total": 1})
     assert path == tmp_path / "checkpoints" / "step_00000012.pt"
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    # the checkpoint and its checksum, no temporary file left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".sha256"]
 
     ckpt = load_checkpoint(path)  # weights_only: plain data only
     assert ckpt["step"] == 12 and ckpt["counters"]["nonfinite_total"] == 1
@@ -198,7 +199,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, model=model, step=2)
     assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["c.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["c.pt", "c.pt.sha256"]
 
 
 def test_rng_capture_restore():

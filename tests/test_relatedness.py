@@ -6,7 +6,7 @@ import pytest
 from fbn_fast import relatedness as R
 from fbn_fast.labels import AUS, COMPOUNDS, EXPRESSIONS, MISSING
 
-# method.md §2, transcribed as "AU:weight" strings (an independent spelling of the same tables).
+# docs/method.md §2, transcribed as "AU:weight" strings (an independent spelling of the same tables).
 PRIOR_TEXT = {
     "Neutral": "",
     "Anger": "4:1 7:1 24:1 10:.26 17:.52 23:.29",

@@ -1,8 +1,8 @@
 """Command line of the data package.
 
     python -m fbn_fast.data import <corpus> ROOT --out M.npz [--drop-bad] [corpus options]
-    python -m fbn_fast.data info M.npz [--drop-bad] [--json] [--check-files [--root DIR] [--sample N]]
-    python -m fbn_fast.data concat A.npz B.npz ... --out M.npz [--root DIR] [--drop-bad]
+    python -m fbn_fast.data info M.npz [--drop-bad] [--json] [--check-files [--data-root DIR] [--sample N]]
+    python -m fbn_fast.data concat A.npz B.npz ... --out M.npz [--data-root DIR] [--drop-bad]
     python -m fbn_fast.data synth ...            (SynthFace; see ``python -m fbn_fast.data synth --help``)
 
 ``import`` reads one corpus in its published layout (``import --help`` lists the corpora), validates the rows
@@ -49,15 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the counts and the import records as JSON")
     info.add_argument("--check-files", action="store_true",
                       help="look for every image under the root; exit status 1 when some are missing")
-    info.add_argument("--root", type=Path, default=None,
-                      help="with --check-files: the image folder (default: the root the manifest records)")
+    info.add_argument("--data-root", "--root", dest="root", type=Path, default=None,
+                      help="with --check-files: the image folder, as train's --data-root (default: the root the "
+                           "manifest records)")
     info.add_argument("--sample", type=int, default=None, help="with --check-files: look at N random rows only")
 
     cat = sub.add_parser("concat", help="join manifests (datasets merged by name)")
     cat.add_argument("manifests", type=Path, nargs="+")
     cat.add_argument("--out", type=Path, required=True)
-    cat.add_argument("--root", type=Path, default=None,
-                     help="folder the joined paths are relative to (default: the manifests' common folder)")
+    cat.add_argument("--data-root", "--root", dest="root", type=Path, default=None,
+                     help="folder the joined paths are relative to, train's --data-root for the result (default: "
+                          "the manifests' common folder)")
     cat.add_argument("--drop-bad", action="store_true", help="drop rows that fail validation instead of failing")
 
     sub.add_parser("synth", help="SynthFace, the offline labelled benchmark (its own options follow)",
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "info":
             m = load_manifest(args.manifest, drop_bad=args.drop_bad)
             if (args.root is not None or args.sample is not None) and not args.check_files:
-                raise ValueError("--root and --sample go with --check-files")
+                raise ValueError("--data-root and --sample go with --check-files")
             check = m.check_files(args.root, sample=args.sample) if args.check_files else None
             if args.json:
                 out = {"rows": len(m), "root": m.root, "counts": m.counts(), "meta": m.meta}

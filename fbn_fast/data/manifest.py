@@ -145,7 +145,7 @@ def _rebase(roots: list[str | None], names: list[str], root: str | os.PathLike |
             f"{name} records no image root (written before manifests recorded one, or imported with a --prefix "
             f"that is not the end of its corpus folder) while {names[roots.index(next(r for r in roots if r))]} "
             "does; re-import it with a current version, or name the folder every path is relative to: "
-            "python -m fbn_fast.data concat ... --root DIR")
+            "python -m fbn_fast.data concat ... --data-root DIR")
     else:
         try:
             target = os.path.commonpath(roots)
@@ -160,8 +160,8 @@ def _rebase(roots: list[str | None], names: list[str], root: str | os.PathLike |
             continue
         rel = os.path.relpath(r, target)
         if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
-            raise ValueError(f"{name}: its image root {r} is not inside --root {target}; pick a --root that holds "
-                             f"every corpus folder, e.g. --root {os.path.commonpath([r, target])}")
+            raise ValueError(f"{name}: its image root {r} is not inside --data-root {target}; pick a --data-root that holds "
+                             f"every corpus folder, e.g. --data-root {os.path.commonpath([r, target])}")
         prefixes.append("" if rel == os.curdir else PurePosixPath(*Path(rel).parts).as_posix())
     return target, prefixes
 

@@ -1,4 +1,4 @@
-"""The co-training objective of method.md §3: :class:`FaceBehaviorLoss` and its functional twin.
+"""The co-training objective of docs/method.md §3: :class:`FaceBehaviorLoss` and its functional twin.
 
 >>> loss_fn = FaceBehaviorLoss(relatedness.prior())
 >>> out = loss_fn(z_e, z_a, v, expr=..., expr_mask=..., au=..., au_mask=..., va=..., va_mask=...)
@@ -47,9 +47,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LossWeights:
-    """One weight per term of method.md §3 (:attr:`TERMS`), as floats; 0 switches a term off.
+    """One weight per term of docs/method.md §3 (:attr:`TERMS`), as floats; 0 switches a term off.
 
-    The six fields of method.md — the supervised terms (1 in the paper), λ_ca, λ_dm, λ_ev — set their terms
+    The six fields of docs/method.md — the supervised terms (1 in the paper), λ_ca, λ_dm, λ_ev — set their terms
     (``ca`` both co-annotation terms, ``dm`` both expression/AU matching terms, ``ev`` ``dm_ev``); the
     per-term fields ``ca_ea, ca_ae, dm_ea, dm_ae, dm_ev`` override one term (``None``: its group's weight).
     :meth:`vector` gives the eight per-term weights in :attr:`TERMS` order. For weights that change every
@@ -62,7 +62,7 @@ class LossWeights:
     ca: float = 1.0
     dm: float = 1.0
     ev: float = 1.0
-    _: KW_ONLY  # the per-term overrides by name only: positional weights stay the six of method.md
+    _: KW_ONLY  # the per-term overrides by name only: positional weights stay the six of docs/method.md
     ca_ea: float | None = None
     ca_ae: float | None = None
     dm_ea: float | None = None
@@ -91,7 +91,7 @@ class LossWeights:
     @classmethod
     def coerce(cls, weights: LossWeights | dict | Sequence[float] | None) -> LossWeights:
         """``weights`` as :class:`LossWeights`: ``None`` (all 1), a dict of field names, or a sequence of the
-        eight per-term weights (or of the six of method.md)."""
+        eight per-term weights (or of the six of docs/method.md)."""
         if weights is None:
             return cls()
         if isinstance(weights, cls):
@@ -108,7 +108,7 @@ class LossWeights:
 
 
 class LossOutput(NamedTuple):
-    """``total`` is differentiable; ``terms`` holds each term of method.md §3 (detached for logging, unless
+    """``total`` is differentiable; ``terms`` holds each term of docs/method.md §3 (detached for logging, unless
     ``differentiable_terms=True``); ``counts`` the number of labelled entries each term averages over (0-d
     int64 tensors, no host sync: ``expr``, ``va``, ``ca_ae`` count rows, ``au``, ``ca_ea`` (row, AU)
     entries, ``dm_ea`` B·K, ``dm_ae`` B, ``dm_ev`` B with VA means, else 0)."""
@@ -178,7 +178,7 @@ def face_behavior_loss(
     differentiable_terms: bool = False,
     process_group: dist.ProcessGroup | None = None,
 ) -> LossOutput:
-    """The objective of method.md §3 for one batch; see :class:`FaceBehaviorLoss`.
+    """The objective of docs/method.md §3 for one batch; see :class:`FaceBehaviorLoss`.
 
     Labels come with their masks: a label without its mask (or a mask without its label) is an error, except
     ``expr`` alone, where -1 marks a missing label (an ignore index). A task whose labels are ``None`` counts
@@ -249,7 +249,7 @@ def face_behavior_loss(
 
 
 class FaceBehaviorLoss(TableModule):
-    """The FaceBehaviorNet co-training objective as a module (method.md §3).
+    """The FaceBehaviorNet co-training objective as a module (docs/method.md §3).
 
     Args:
         relatedness: C×K table ``P(AU k | class c)`` — a :class:`~fbn_fast.relatedness.Relatedness`

@@ -50,7 +50,7 @@ def _va_statistics(v: Tensor, va: Tensor, va_mask: Tensor) -> Tensor:
 
 
 def _ccc_loss_from_statistics(n: Tensor, stats: Tensor) -> Tensor:
-    """1 − CCC averaged over the two VA dimensions from global sums (population statistics, method.md §3)."""
+    """1 − CCC averaged over the two VA dimensions from global sums (population statistics, docs/method.md §3)."""
     sv, sy, svv, syy, svy = stats.view(5, 2)
     denom = n.clamp(min=1.0)
     mv, my = sv / denom, sy / denom
@@ -97,7 +97,7 @@ def global_objective(
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("process_group: torch.distributed is not initialised (call init_process_group first)")
     world = dist.get_world_size(group)
-    with torch.autocast(v.device.type, enabled=False):  # method.md §3: fp32 (or fp64) whatever autocast says
+    with torch.autocast(v.device.type, enabled=False):  # docs/method.md §3: fp32 (or fp64) whatever autocast says
         local_counts = counts.to(torch.float64)
         shared = _AllReduceSum.apply(torch.cat([local_counts, _va_statistics(v, va, va_mask)]), group)
         totals, stats = shared[: len(TERMS)].detach(), shared[len(TERMS):]

@@ -190,7 +190,7 @@ def _objective_op(
 def _launch(fn: ImplFn, tensors: tuple, weights: Tensor, temperature: float,
             eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     z_e, z_a, v = tensors[:3]
-    if z_e.shape[0] == 0:  # an empty batch: every term 0 (method.md §3), nothing to launch
+    if z_e.shape[0] == 0:  # an empty batch: every term 0 (docs/method.md §3), nothing to launch
         terms = z_e.new_zeros((1 + len(TERMS),), dtype=compute_dtype(z_e))
         return terms[0].clone(), terms, torch.zeros_like(z_e), torch.zeros_like(z_a), torch.zeros_like(v)
     return fn(*tensors, weights.to(compute_dtype(z_e)), temperature, eps)

@@ -1,10 +1,10 @@
-"""The reference objective of method.md §3 in plain differentiable PyTorch: the oracle of every backend.
+"""The reference objective of docs/method.md §3 in plain differentiable PyTorch: the oracle of every backend.
 
 Everything is computed in float32 (float64 when the logits are float64) whatever the input dtype and
 whatever autocast is active, in log-softmax / log-sigmoid form, with masked means whose denominators stay on
 the device (no host sync).
 
-Weights: one per term (:data:`TERM_WEIGHTS`, the order of :data:`TERMS`). The six weights of method.md §3
+Weights: one per term (:data:`TERM_WEIGHTS`, the order of :data:`TERMS`). The six weights of docs/method.md §3
 (:data:`WEIGHTS`: the supervised terms, λ_ca, λ_dm, λ_ev) map onto them through :data:`WEIGHT_GROUPS`.
 """
 
@@ -20,16 +20,16 @@ from torch import Tensor
 TERMS: tuple[str, ...] = ("expr", "au", "va", "ca_ea", "ca_ae", "dm_ea", "dm_ae", "dm_ev")
 #: One weight per term: the weight vector the fused op takes is indexed like :data:`TERMS`.
 TERM_WEIGHTS: tuple[str, ...] = TERMS
-#: The six weights of method.md §3 (supervised terms, λ_ca, λ_dm, λ_ev), each applied to these terms.
+#: The six weights of docs/method.md §3 (supervised terms, λ_ca, λ_dm, λ_ev), each applied to these terms.
 WEIGHT_GROUPS: dict[str, tuple[str, ...]] = {
     "expr": ("expr",), "au": ("au",), "va": ("va",), "ca": ("ca_ea", "ca_ae"), "dm": ("dm_ea", "dm_ae"),
     "ev": ("dm_ev",),
 }
-#: Names of the six method.md weights, in the order of the legacy 6-value form.
+#: Names of the six docs/method.md weights, in the order of the legacy 6-value form.
 WEIGHTS: tuple[str, ...] = tuple(WEIGHT_GROUPS)
-#: Smoothing of the relatedness table, Rs = clip(R, eps, 1 - eps) (method.md §3, our choice).
+#: Smoothing of the relatedness table, Rs = clip(R, eps, 1 - eps) (docs/method.md §3, our choice).
 DEFAULT_EPS = 0.05
-#: Stabiliser of the CCC denominator (method.md §3).
+#: Stabiliser of the CCC denominator (docs/method.md §3).
 CCC_EPS = 1e-8
 
 
@@ -112,7 +112,7 @@ def reference_terms(
     temperature: float = 1.0,
     eps: float = DEFAULT_EPS,
 ) -> Tensor:
-    """The total and the eight terms of method.md §3 as one vector ``[total, *TERMS]`` (differentiable, to any
+    """The total and the eight terms of docs/method.md §3 as one vector ``[total, *TERMS]`` (differentiable, to any
     order, also with respect to ``weights``: eight per-term weights, or the six of :data:`WEIGHTS`).
 
     Shapes: ``z_e`` (B,C), ``z_a`` (B,K), ``v`` (B,2), ``expr`` (B,) int, ``expr_mask`` (B,),
@@ -120,7 +120,7 @@ def reference_terms(
     Labels under a false mask are ignored whatever their value (NaN included); a class outside [0, C) under
     a true mask makes the ``expr`` term and the total NaN. An empty batch gives zeros.
     """
-    # method.md §3: fp32 computation whatever the input dtype, so autocast must not narrow the matmuls.
+    # docs/method.md §3: fp32 computation whatever the input dtype, so autocast must not narrow the matmuls.
     with torch.autocast(z_e.device.type, enabled=False):
         return _reference_terms(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means,
                                 weights, temperature, eps)

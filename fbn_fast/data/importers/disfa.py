@@ -9,7 +9,7 @@ loaders of its files:
   numbered from 1, 4,845 per video), intensity 0–5 on the FACS A–E scale;
 * videos ``Videos_LeftCamera/LeftVideo<subject>_comp.avi`` (and the right camera), not frames.
 
-An AU is active at intensity ≥ 2 (the convention of the AU-detection literature and of method.md §6);
+An AU is active at intensity ≥ 2 (the convention of the AU-detection literature and of docs/method.md §6);
 ``threshold`` changes it. An intensity outside 0–5 leaves that AU unannotated on that frame (counted).
 An AU file outside our 17 AUs is ignored and listed in the notes.
 

@@ -46,7 +46,7 @@ SPLIT_SHARES: dict[str, float] = {"train": 0.85, "val": 0.05, "test": 0.10}
 #: Most files per image folder.
 SHARD = 10_000
 
-# Which labels each dataset publishes, after the corpora they stand in for (method.md §6).
+# Which labels each dataset publishes, after the corpora they stand in for (docs/method.md §6).
 _AU_A = (1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 26)  # DISFA's 12
 _AU_B = (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24)  # BP4D's 12
 
