@@ -160,8 +160,8 @@ def _rebase(roots: list[str | None], names: list[str], root: str | os.PathLike |
             continue
         rel = os.path.relpath(r, target)
         if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
-            raise ValueError(f"{name}: its image root {r} is not inside --data-root {target}; pick a --data-root that holds "
-                             f"every corpus folder, e.g. --data-root {os.path.commonpath([r, target])}")
+            raise ValueError(f"{name}: its image root {r} is not inside --data-root {target}; pick a --data-root "
+                             f"that holds every corpus folder, e.g. --data-root {os.path.commonpath([r, target])}")
         prefixes.append("" if rel == os.curdir else PurePosixPath(*Path(rel).parts).as_posix())
     return target, prefixes
 
