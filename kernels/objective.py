@@ -1,4 +1,4 @@
-"""The whole co-training objective (method.md §3) and its gradients in one Triton launch.
+"""The whole co-training objective (docs/method.md §3) and its gradients in one Triton launch.
 
 Launch design
 -------------
@@ -32,9 +32,10 @@ on the tensors' device whatever the current device is. The number of programs is
 The interpreter, which runs programs one after another, uses a single program by default, hence the fused
 form there.
 
-Layout: rows are narrow (C = 7, K = 17 by default), so tiles are classes/AUs × rows and a program is one warp
-whose lanes hold whole rows (or halves of them). Per-row reductions then stay within a thread or two,
-per-row scalars are not replicated across 32 lanes, and no tile changes layout through shared memory. The
+Layout: rows are narrow (C = 7, K = 17 by default), so tiles are classes/AUs × rows and the lanes of a
+program (two warps by default, :func:`default_tile`) hold whole rows (or parts of them). Per-row reductions
+then stay within a few threads, per-row scalars are not replicated across 32 lanes, and no tile changes
+layout through shared memory. The
 C×K contractions run one class at a time against table rows that stay in L1 (``use_dot=True`` uses
 ``tl.dot`` in TF32×3 on tensor cores instead; on sm_90 it compiled to more instructions and spills).
 Accumulation is float32 (float64 for float64 inputs); C and K are padded to powers of two and masked.
@@ -65,11 +66,12 @@ except ImportError as _exc:  # pragma: no cover - exercised only where Triton is
 else:
     _IMPORT_ERROR = None
 
-#: Largest C or K the launcher accepts. Wider tiles compile for minutes (C = K = 256 did not finish in 8
-#: minutes with ptxas) and spill kilobytes per thread; use backend ``cuda`` or ``torch`` for them.
-MAX_DIM = 64
-#: Largest C or K that gets the single-launch grid-barrier mode (C = K = 64 spills 1.8-13.7 KB per thread on
-#: sm_90, which a launch whose programs wait for each other should not have): wider shapes take the split plan.
+#: Largest C or K the launcher accepts. Wider tiles spill kilobytes per thread (C = K = 64: 2-13.8 KB on sm_80
+#: and sm_90 with the plans it had, ``profiling/results/compile_triton-3.7.1-full.json``; C = K = 256 did not
+#: finish compiling in 8 minutes); the ``torch``, ``cpu`` and ``cuda`` backends take any C and K.
+MAX_DIM = 32
+#: Largest C or K that gets the single-launch grid-barrier mode (wider shapes would take the split plan; with
+#: MAX_DIM = 32 every shape the launcher accepts qualifies).
 BARRIER_MAX_DIM = 32
 #: Largest C or K for ``use_dot=True`` (``tl.dot`` on tensor cores): wider tiles do not compile.
 DOT_MAX_DIM = 32
@@ -591,17 +593,16 @@ def default_tile(c: int, k: int, dtype: torch.dtype) -> tuple[int, int, int]:
 
     Tiles are classes/AUs × rows; a block's rows are spread over the lanes of its warps so that per-row
     reductions stay within a few threads, per-row scalars are not replicated 32 times, and no layout conversion
-    is needed. The sizes come from ptxas's reports for sm_80 and sm_90 under Triton 3.6 and 3.7
-    (``profiling/compile_targets.py``, tables in ``profiling/results/compile_triton-*.json``): for C, K <= 32,
-    8 rows on 2 warps use about 210 registers and spill nothing, where one warp spills at 16 rows (20-244 B a
-    thread) and, on Triton 3.6, already at 8 (8-16 B); float64 takes 2 rows on 2 warps (4 rows reach 255
-    registers, 8 rows on one warp spill up to 1.6 KB). Wider C/K take fewer rows per block to bound registers.
+    is needed. The sizes come from ptxas's reports for sm_80 and sm_90 (``profiling/compile_targets.py``,
+    tables in ``profiling/results/compile_triton-*.json``). Face shape, Triton 3.7.1: 8 rows on 2 warps use
+    at most 219 registers and spill nothing on either target for any logit dtype, where 16 rows on one warp
+    spill 28-180 B a thread (float64: 1.5-1.9 KB) and 8 rows on one warp reach 237-255 registers (float64
+    spills 152-432 B); float64 takes 2 rows on 2 warps (8 rows on 2 warps spill 32-128 B). Triton 3.6.0 spills
+    nothing on sm_90 either (what the tests enforce) but 48 B on sm_80 without VA means (float32 single launch,
+    float64 both modes). C, K <= :data:`MAX_DIM` share these plans: C = K = 32 spills nothing (230-246
+    registers), the small test shapes (1×1 to 5×9), at 96-168 registers, spill 4-40 B on some kernels.
     """
-    width = max(_next_pow2(c), _next_pow2(k), 32)
-    if width == 32:
-        return (2, 2, 1) if dtype == torch.float64 else (8, 2, 1)
-    block_b = 2 if width > 64 or dtype == torch.float64 else 4
-    return block_b, 1, 1
+    return (2, 2, 1) if dtype == torch.float64 else (8, 2, 1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -649,7 +650,7 @@ def limits(z_e: Tensor, b: int, c: int, k: int) -> None:
     under the interpreter, CPU) tensors."""
     if c > MAX_DIM or k > MAX_DIM:
         raise ValueError(f"z_e, z_a: C = {c} and K = {k} must be in [1, {MAX_DIM}] for backend 'triton' "
-                         f"(MAX_DIM: wider tiles compile for minutes and spill); use backend 'cuda' or 'torch'")
+                         f"(MAX_DIM: wider tiles spill kilobytes per thread); use backend 'cuda', 'cpu' or 'torch'")
     if z_e.device.type not in ("cuda", "cpu"):  # CPU tensors run under the interpreter (see availability())
         raise ValueError(f"z_e is on {z_e.device}: backend 'triton' takes CUDA tensors (or CPU tensors under "
                          f"TRITON_INTERPRET=1)")
@@ -713,7 +714,7 @@ def triton_objective(
     kw = dict(
         ze_ptr=z_e, za_ptr=z_a, v_ptr=v, expr_ptr=expr, me_ptr=expr_mask, au_ptr=au, ma_ptr=au_mask, va_ptr=va,
         mv_ptr=va_mask, r_ptr=relatedness, mu_ptr=mu, terms_ptr=terms, total_ptr=total, ge_ptr=g_e, ga_ptr=g_a,
-        gv_ptr=g_v, sync_ptr=_sync_buffer(device),
+        gv_ptr=g_v,
         cnt_ptr=torch.empty(slots * _NCNT, dtype=torch.int32, device=device),
         stat_ptr=torch.empty(slots * _NSTAT, dtype=acc_t, device=device),
         part_ptr=torch.empty(slots * _NPART, dtype=acc_t, device=device),
@@ -733,8 +734,10 @@ def triton_objective(
         nprog = max(1, min(programs or 1, nblocks))
         # Programs run one after another here, so a barrier among several would never open.
         fused = not split and nprog == 1
+        kw["sync_ptr"] = _sync_buffer(device)
         return _run(kw, nprog, fused, total, terms, g_e, g_a, g_v)
     with torch.cuda.device(device):  # compile, query and launch on the tensors' device, not the current one
+        kw["sync_ptr"] = _sync_buffer(device)  # its capture check and first zero-fill use this device's stream
         coop = cooperative_launch_supported()
         # Without a cooperative launch nothing promises that all programs are resident: never spin then. The
         # barrier is opt-in (a documented switch) and only for tiles that do not spill.
@@ -758,17 +761,23 @@ def triton_objective(
         nprog = min(programs or nblocks, program_count(device, nblocks, occ if fused else None))
         if not fused:
             return _run(kw, nprog, False, total, terms, g_e, g_a, g_v)
-        while True:
-            try:
-                return _run(kw, nprog, True, total, terms, g_e, g_a, g_v)
-            except RuntimeError as exc:
-                # Only the driver's refusal of a too-large cooperative grid (nothing ran) is retried, with fewer
-                # programs per SM, remembered for this variant; anything else propagates unchanged.
-                if not (cooperative_refusal(exc) and occ > 1 and not torch.cuda.is_current_stream_capturing()):
-                    raise
-                occ = _OCC[key] = occ // 2
-                LAUNCH_INFO.get(repr(key), {})["programs_per_sm"] = occ
-                nprog = min(nprog, program_count(device, nblocks, occ))
+        return _run_cooperative(kw, key, occ, nprog, nblocks, device, (total, terms, g_e, g_a, g_v))
+
+
+def _run_cooperative(kw: dict, key: tuple, occ: int, nprog: int, nblocks: int, device: torch.device,
+                     outs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The fused launch of ``nprog`` programs (``occ`` per SM, the estimate stored under ``key``). Only the
+    driver's refusal of a too-large cooperative grid (nothing ran) is retried, with half the programs per SM,
+    remembered for this variant; anything else propagates unchanged and leaves the estimate alone."""
+    while True:
+        try:
+            return _run(kw, nprog, True, *outs)
+        except RuntimeError as exc:
+            if not (cooperative_refusal(exc) and occ > 1 and not torch.cuda.is_current_stream_capturing()):
+                raise
+            occ = _OCC[key] = occ // 2
+            LAUNCH_INFO.get(repr(key), {})["programs_per_sm"] = occ
+            nprog = min(nprog, program_count(device, nblocks, occ))
 
 
 def _run(kw: dict, nprog: int, fused: bool, total: Tensor, terms: Tensor, g_e: Tensor, g_a: Tensor,

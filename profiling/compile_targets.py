@@ -7,17 +7,20 @@ printing a table:
   compiler with a CUDA ``GPUTarget``. The launcher itself is called on CPU tensors with the kernel's launch
   intercepted, so what is compiled is exactly the argument list, specialisation and constexprs it would launch;
   ptxas's own report (``-v``) gives the resources. ``--table ci`` is the default face plans (every logit dtype,
-  with and without VA means, single-launch and split) plus the shapes the tests use; ``--table full`` adds the
-  candidate plans that ``default_tile`` was chosen from and ``use_dot``. Another Triton (e.g. the 3.6 of the GPU
-  machine) is used with ``--triton-path DIR``, a folder that ``pip install --target DIR --no-deps triton==X``
-  filled.
+  with and without VA means, single-launch and split) plus the shapes the tests use (C x K = 1x1, 3x5, 5x9 and
+  MAX_DIM x MAX_DIM, every logit dtype); ``--table full`` is what the launcher's choices rest on: the candidate
+  face plans that ``default_tile`` was chosen from, C = K = 64 (beyond ``MAX_DIM``, which it was before) and
+  ``use_dot``. Another Triton (e.g. the 3.6 of the GPU machine) is used with ``--triton-path DIR``, a folder
+  that ``pip install --target DIR --no-deps triton==X`` filled.
 * ``nvrtc``: ``csrc/objective_cuda.cu`` through NVRTC (no driver needed) for every template instance the
   run-time path can ask for, with that path's options, to a cubin per architecture; ptxas's report comes back
   in NVRTC's log. NVRTC and the CUDA headers come from the ``nvidia-cuda-nvrtc``, ``nvidia-cuda-runtime`` and
   ``nvidia-cuda-cccl`` wheels (the ``test`` extra) or a CUDA toolkit.
 
-    python profiling/compile_targets.py triton --table full --out profiling/results/compile_triton-3.7.1.json
-    python profiling/compile_targets.py triton --table full --triton-path .cache/triton-3.6.0 \\
+    python profiling/compile_targets.py triton --jobs 2 --out profiling/results/compile_triton-3.7.1.json
+    python profiling/compile_targets.py triton --jobs 2 --table full \\
+        --out profiling/results/compile_triton-3.7.1-full.json
+    python profiling/compile_targets.py triton --jobs 2 --triton-path .cache/triton-3.6.0 \\
         --out profiling/results/compile_triton-3.6.0.json
     python profiling/compile_targets.py nvrtc --out profiling/results/compile_nvrtc.json
 """
@@ -45,20 +48,29 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "profiling" / "results"
 ARCHS = (80, 90)
 FACE = (7, 17)
-#: (C, K) of the shapes the tests run, besides the face shape.
-TEST_SHAPES = ((1, 1), (3, 5), (64, 64))
-#: Those compiled in CI: C = K = 64 takes 10-20 s a kernel (its numbers are in the committed full table).
-CI_TEST_SHAPES = ((1, 1), (3, 5))
+#: (C, K) of the shapes the tests run besides the face shape; C = K = MAX_DIM is added (:func:`test_shapes`).
+KIT_SHAPES = ((1, 1), (3, 5), (5, 9))
 TABLES = {"defaults": "the launcher's face plans: every logit dtype, with and without VA means, single-launch "
                       "and split",
-          "ci": "defaults + the test shapes C x K = 1x1 and 3x5 (float32, float64)",
-          "full": "ci + C = K = 64 + use_dot + the candidate plans default_tile was chosen from",
-          "candidates": "the candidate plans alone"}
+          "ci": "defaults + the test shapes C x K = 1x1, 3x5, 5x9 and MAX_DIM x MAX_DIM (every logit dtype, VA "
+                "means; split, and single-launch for float32/float64)",
+          "full": "what default_tile and MAX_DIM were chosen from: the candidate face plans, C = K = 64 (beyond "
+                  "MAX_DIM) and use_dot",
+          "candidates": "the candidate face plans alone"}
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 #: Plans (rows per block, warps) compiled for the face shape in the full table, to choose ``default_tile`` from.
-CANDIDATES = ((2, 1), (4, 1), (8, 1), (16, 1), (16, 2), (32, 4))
-#: Plans compiled for C = K = 64 in the full table.
-WIDE_CANDIDATES = ((2, 1), (4, 1), (8, 1))
+CANDIDATES = ((8, 1), (8, 2), (16, 1))
+#: C = K = 64 in the full table (MAX_DIM was 64 before): per dtype, the plan the launcher used for it (4 or 2
+#: rows on one warp), and the C, K <= 32 plan (8 or 2 rows on two warps).
+WIDE = 64
+WIDE_PLANS = {"float32": ((4, 1), (8, 2)), "float64": ((2, 1), (2, 2))}
+
+
+def test_shapes() -> tuple[tuple[int, int], ...]:
+    """(C, K) of the shapes the tests run besides the face shape: :data:`KIT_SHAPES` and C = K = MAX_DIM."""
+    from fbn_fast.kernels.objective import MAX_DIM
+
+    return (*KIT_SHAPES, (MAX_DIM, MAX_DIM))
 
 
 # ------------------------------------------------------------------------------------------ ptxas report
@@ -108,7 +120,7 @@ class Plan:
 
 
 def triton_plans(table: str) -> list[Plan]:
-    """The launch plans of ``table`` (``ci`` or ``full``), the launcher's defaults first."""
+    """The launch plans of ``table`` (see :data:`TABLES`), the launcher's defaults first."""
     import torch
     from fbn_fast.kernels.objective import default_tile
 
@@ -124,22 +136,27 @@ def triton_plans(table: str) -> list[Plan]:
                 plans.append(p)
 
     both = ("single", "split")
-    if table != "candidates":
+    if table in ("defaults", "ci"):
         for dtype in DTYPE_NAMES:
             for mu in (True, False):
                 add("default", *FACE, dtype, mu, both)
-    if table in ("ci", "full"):
-        for c, k in TEST_SHAPES if table == "full" else CI_TEST_SHAPES:
-            for dtype in ("float32", "float64"):
-                add("test-shape", c, k, dtype, True, both)
+    if table == "ci":
+        # Every dtype in the default (split) mode; the opt-in single launch for float32 and float64, which
+        # bound the half types' registers (keeps the CI table within minutes on two cores).
+        for c, k in test_shapes():
+            for dtype in DTYPE_NAMES:
+                add("test-shape", c, k, dtype, True, both if dtype in ("float32", "float64") else ("split",))
     if table in ("full", "candidates"):
-        add("use_dot", *FACE, "float32", True, both, use_dot=True)
         for dtype in DTYPE_NAMES:
             for block, warps in CANDIDATES:
                 add("candidate", *FACE, dtype, True, ("single",), (block, warps, 1))
-        for dtype in ("float32", "float64"):
-            for block, warps in WIDE_CANDIDATES:
-                add("candidate", 64, 64, dtype, True, ("single",), (block, warps, 1))
+    if table == "full":
+        # tl.dot needs 16 rows (the launcher raises its default tile to that)
+        add("use_dot", *FACE, "float32", True, both, (16, 2, 1), use_dot=True)
+        add("use_dot", 32, 32, "float32", True, ("single",), (16, 2, 1), use_dot=True)
+        for dtype, tiles in WIDE_PLANS.items():
+            for i, (block, warps) in enumerate(tiles):
+                add("beyond-max-dim", WIDE, WIDE, dtype, True, both if i == 0 else ("single",), (block, warps, 1))
     return plans
 
 
@@ -169,7 +186,7 @@ def capture_launches(plan: Plan) -> list[tuple[str, tuple, dict]]:
     try:
         kobj.triton_objective(*_case(plan), (1.0,) * 6, 1.0, 0.05, split=plan.mode == "split",
                               block_b=plan.block_b, num_warps=plan.num_warps, num_stages=plan.num_stages,
-                              programs=1, use_dot=plan.use_dot)
+                              programs=1, use_dot=plan.use_dot, check=plan.role != "beyond-max-dim")
     finally:
         del fn.run
     out = []
@@ -274,14 +291,15 @@ def load_nvrtc() -> tuple[ctypes.CDLL, str]:
                             "(CUDA_HOME)")
 
 
-def nvrtc_include_dirs() -> list[str]:
-    """Header folders for cooperative_groups.h and libcu++: the run-time path's (a toolkit), else the wheels'."""
-    dirs = list(_cuda_module()._cuda_include_dirs())
-    if dirs:
-        return dirs
+def nvrtc_options() -> list[str]:
+    """The run-time path's NVRTC options (:func:`fbn_fast.losses.cuda.nvrtc_options`); without a CUDA toolkit
+    there, the header folders (cooperative_groups.h, libcu++) come from the wheels instead."""
+    opts = list(_cuda_module().nvrtc_options())
+    if any(o.startswith("-I") for o in opts):
+        return opts
     for inc in _wheel_dirs("include"):
         if (inc / "cooperative_groups.h").is_file():
-            return [str(d) for d in (inc, inc / "cccl") if d.is_dir()]
+            return [*opts, *("-I" + str(d) for d in (inc, inc / "cccl") if d.is_dir())]
     raise FileNotFoundError("cooperative_groups.h not found: install the test extra (nvidia-cuda-runtime, "
                             "nvidia-cuda-cccl) or a CUDA toolkit (CUDA_HOME)")
 
@@ -296,7 +314,7 @@ def nvrtc_instances() -> list[tuple[str, str, int, int]]:
     for name in DTYPE_NAMES:
         dtype = getattr(torch, name)
         acc = "double" if dtype == torch.float64 else "float"
-        shapes = [FACE, (0, 0), *((c, k) for c, k in TEST_SHAPES if mod._Nvrtc.specialise(c, k))]
+        shapes = [FACE, (0, 0), *((c, k) for c, k in test_shapes() if mod._Nvrtc.specialise(c, k))]
         for c, k in dict.fromkeys(shapes):
             out.append((name, f"fbn::objective_kernel<{mod._NVRTC_TYPE[dtype]}, {acc}, {c}, {k}>", c, k))
     return out
@@ -342,7 +360,7 @@ def run_nvrtc(archs: tuple[int, ...]) -> tuple[list[dict], dict]:
     lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
     mod = _cuda_module()
     source = mod.nvrtc_source().encode()
-    base = ["-std=c++17", *("-I" + d for d in nvrtc_include_dirs()), *CUPY_ADDED_OPTIONS]
+    base = [*nvrtc_options(), *CUPY_ADDED_OPTIONS]
     rows = []
     for dtype, name, c, k in nvrtc_instances():
         for arch in archs:

@@ -10,19 +10,41 @@
 #
 # --dry-run runs the same steps on a CPU machine (CI does, so the script cannot break unnoticed): Triton's
 # interpreter, tiny sizes, the CUDA-only steps (native build) recorded as skipped, the pytest steps collecting
-# their GPU tests (which skip without a device). The interpreter is used by default python as `python3`, else
-# `python`: the first of them that imports torch (PYTHON overrides).
+# their GPU tests (which skip without a device). The interpreter is the first of `python3`, `python` that
+# imports torch (PYTHON overrides; --which-python prints it and exits).
 #
-# To add a check, add one `step NAME LIMIT_S command...` line below and take its seconds from another step:
-# the limits must add up to at most BUDGET (tests/test_compile_targets.py checks it).
+# The limits are sized for a first run with an empty Triton cache on an H100 machine with 16 cores and Triton
+# 3.6 (a few seconds per face kernel, profiling/results/compile_triton-3.6.0.json): the face shape in every
+# dtype first, then the opt-in grid-barrier mode (its verdict is `grid_barrier_verified` in gpu_check.json),
+# the native build and tests, the wide and slow cases, the benchmarks. To add a check, add one
+# `step NAME LIMIT_S command...` line below and take its seconds from another step: the limits must add up to
+# at most BUDGET (tests/test_compile_targets.py checks it).
 
 set -u
+
+# find_python: print the interpreter to use: $PYTHON, else the first of python3, python that imports torch.
+find_python() {
+    if [ -n "${PYTHON:-}" ]; then
+        echo "$PYTHON"
+        return 0
+    fi
+    local cand
+    for cand in python3 python; do
+        if command -v "$cand" > /dev/null 2>&1 && "$cand" -c "import torch" > /dev/null 2>&1; then
+            echo "$cand"
+            return 0
+        fi
+    done
+    return 1
+}
+
 DRY=0
 OUT_ARG=""
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
-        -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+        --which-python) find_python; exit $? ;;
+        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
         -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
         *) OUT_ARG="$arg" ;;
     esac
@@ -44,16 +66,7 @@ FAILED=0
 : > "$SUMMARY"
 : > "$STEPS_TSV"
 
-PY="${PYTHON:-}"
-if [ -z "$PY" ]; then
-    for cand in python3 python; do
-        if command -v "$cand" > /dev/null 2>&1 && "$cand" -c "import torch" > /dev/null 2>&1; then
-            PY="$cand"
-            break
-        fi
-    done
-fi
-if [ -z "$PY" ]; then
+if ! PY="$(find_python)"; then
     echo "gpu_check.sh: neither python3 nor python imports torch (set PYTHON)" | tee -a "$SUMMARY" >&2
     exit 1
 fi
@@ -140,7 +153,7 @@ from fbn_fast.losses import available_backends; print(available_backends(\"cpu\"
 else
     DEV=cuda
     LOSS_ARGS=(--batch 4096 1048576 --iters 20)
-    SWEEP_ARGS=(--skip-compile --batch 4096 1048576 --iters 10)
+    SWEEP_ARGS=(--skip-compile --batch 1048576 --iters 5)
     LOADER_ARGS=(--device cuda --sizes 112 224)
     TRAIN_ARGS=(--device cuda --trunk resnet50 --image-size 112 --batch-size 256 --amp bf16 --channels-last on
         --synth-size tiny --synth-image-size 128 --num-workers 8)
@@ -151,30 +164,54 @@ fi
 echo "python: $(command -v "$PY"); dry run: $DRY; budget $((BUDGET * SCALE))s; output: $OUT" | tee -a "$SUMMARY"
 
 # ---------------------------------------------------------------------------------------------- steps
-# Correctness first.
-step env 20 bash -c "$ENV_CMD"
+# Correctness first: the face shape in every logit dtype through both fused backends (the op's kit against the
+# float64 oracle, and labels that must change nothing).
+step env 15 bash -c "$ENV_CMD"
+step test_face 95 "$PY" -m pytest -m gpu tests/test_objective_backends.py -k "face or unannotated" -q -rA \
+    --junitxml="$OUT/test_face.xml"
 
-# Fused Triton objective: correctness, one launch, determinism, CUDA graphs, torch.compile, autocast.
-step test_triton 90 "$PY" -m pytest -m gpu tests/test_triton_objective.py -q -rA --junitxml="$OUT/test_triton.xml"
+# The opt-in single launch with the grid barrier (FBN_FAST_GRID_BARRIER=1): the face kit in every dtype, the
+# launch counts, determinism and CUDA graphs, then a check that the fused launch really ran. Its outcome is
+# the `grid_barrier_verified` field of gpu_check.json.
+cat > "$OUT/.barrier_check.py" << 'EOF'
+import sys
+
+import torch
+
+sys.path.insert(0, "tests")
+from objective_cases import CASES, assert_matches, run  # noqa: E402
+
+import fbn_fast.kernels.objective as kobj  # noqa: E402
+
+case = CASES["face 7x17"]
+got = run("triton", case, torch.float32, sys.argv[1])
+assert kobj.last_plan["fused"], f"the grid-barrier launch did not run: {kobj.last_plan}"
+assert_matches(got, case, torch.float32, what="grid barrier")
+print("grid barrier verified:", kobj.last_plan)
+EOF
+step test_barrier 65 env FBN_FAST_GRID_BARRIER=1 bash -c '"$1" -m pytest -m gpu tests/test_objective_backends.py \
+    tests/test_triton_objective.py -k "(face and triton) or one_launch or two_launches" -q -rA \
+    --junitxml="$2/test_barrier.xml" && "$1" "$2/.barrier_check.py" "$3"' _ "$PY" "$OUT" "$DEV"
 
 # Native objective: build the CPU and CUDA extension in place (sm_90 only, to keep the build short), then its
 # built and NVRTC paths against the reference.
-step build_native 90 --cuda env FBN_FAST_CUDA=1 FBN_FAST_CUDA_ARCH=90 FBN_FAST_REQUIRE_EXT=1 "$PY" setup.py \
+step build_native 75 --cuda env FBN_FAST_CUDA=1 FBN_FAST_CUDA_ARCH=90 FBN_FAST_REQUIRE_EXT=1 "$PY" setup.py \
     build_ext --inplace
-step test_native 60 "$PY" -m pytest -m gpu tests/test_native_objective.py -q -rA --junitxml="$OUT/test_native.xml"
+step test_native 45 "$PY" -m pytest -m gpu tests/test_native_objective.py -q -rA --junitxml="$OUT/test_native.xml"
 
-# Every other GPU test of the suite.
-step test_gpu_rest 40 "$PY" -m pytest -m gpu tests -q -rA --ignore=tests/test_triton_objective.py \
-    --ignore=tests/test_native_objective.py --junitxml="$OUT/test_gpu_rest.xml"
+# Then the slow and wide cases: the rest of the kit (C = K = 32, small shapes, no VA means), large batches,
+# launch plans, torch.compile, and every other GPU test of the suite (the split-plan default included).
+step test_gpu_rest 90 "$PY" -m pytest -m gpu tests -q -rA --ignore=tests/test_native_objective.py \
+    -k "not (face or unannotated)" --junitxml="$OUT/test_gpu_rest.xml"
 
 # Benchmarks. Loss: eager reference, torch.compile and every fused backend, with kernel counts, peak memory
 # and the byte floor (the JSON is rewritten after each measurement, so a cut-short run keeps what it measured).
-step bench_loss 80 "$PY" profiling/bench_loss.py --device "$DEV" "${LOSS_ARGS[@]}" --out "$OUT/bench_loss-$DEV.json"
+step bench_loss 45 "$PY" profiling/bench_loss.py --device "$DEV" "${LOSS_ARGS[@]}" --out "$OUT/bench_loss-$DEV.json"
 
 # Training throughput (ResNet-50, 112 px, bf16, channels-last: trunk-only against end to end), then the input
 # pipeline (nvJPEG through torchvision where it imports).
-step bench_train 60 "$PY" profiling/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/bench_train-$DEV.json"
-step bench_loader 20 "$PY" profiling/bench_loader.py "${LOADER_ARGS[@]}" --out "$OUT/bench_loader-$DEV.json"
+step bench_train 20 "$PY" profiling/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/bench_train-$DEV.json"
+step bench_loader 10 "$PY" profiling/bench_loader.py "${LOADER_ARGS[@]}" --out "$OUT/bench_loader-$DEV.json"
 
 # Last: the Triton launch plans (rows per block, warps, stages, fused or split).
 step bench_loss_sweep 20 "$PY" profiling/bench_loss.py --device "$DEV" "${SWEEP_ARGS[@]}" --triton-sweep \
@@ -190,10 +227,16 @@ steps = [dict(zip(("name", "limit_s", "status", "seconds"), line.rstrip("\n").sp
          for line in open(tsv) if line.strip()]
 for s in steps:
     s["limit_s"], s["seconds"] = int(s["limit_s"]), int(s["seconds"])
-json.dump({"budget_s": int(budget), "dry_run": dry == "1", "limits_scaled_by": 4 if dry == "1" else 1, "seconds": int(seconds), "steps": steps},
-          open(out, "w"), indent=1)
+barrier = next((s["status"] for s in steps if s["name"] == "test_barrier"), "not run")
+result = {"budget_s": int(budget), "dry_run": dry == "1", "limits_scaled_by": 4 if dry == "1" else 1,
+          "seconds": int(seconds),
+          # The single-launch grid-barrier mode passed its tests and really ran fused on this card (never
+          # from a dry run, which has no card); record it in profiling/results/ before making it the default.
+          "grid_barrier_verified": dry != "1" and barrier == "ok", "grid_barrier_step": barrier,
+          "steps": steps}
+json.dump(result, open(out, "w"), indent=1)
 EOF
-rm -f "$STEPS_TSV"
+rm -f "$STEPS_TSV" "$OUT/.barrier_check.py"
 tar czf "$OUT/logs.tar.gz" -C "$OUT" --exclude=logs.tar.gz --exclude='*.json' --exclude=summary.txt \
     --exclude=.pyshim . 2>/dev/null && find "$OUT" -maxdepth 1 \( -name '*.log' -o -name '*.xml' \) -delete
 

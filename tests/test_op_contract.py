@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from objective_cases import WIDE
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fbn_fast.losses import available_backends, backends, cpu, cuda
@@ -125,11 +126,13 @@ def test_triton_limits_on_tiles():
     # default tile is raised to tl.dot's 16 rows instead of being rejected.
     over = make_case(b=4, c=kobj.DOT_MAX_DIM + 1, k=5, dtype=torch.float32)
     with pytest.raises(ValueError, match=rf"use_dot=True takes C, K <= {kobj.DOT_MAX_DIM} \(DOT_MAX_DIM\)"):
-        kobj.triton_objective(*(over[n] for n in NAMES), (1.0,) * 6, 1.0, 0.05, use_dot=True)
+        # check=False: past the op's check (MAX_DIM, which the op applies first), as the op itself calls it
+        kobj.triton_objective(*(over[n] for n in NAMES), (1.0,) * 6, 1.0, 0.05, use_dot=True, check=False)
     face = make_case(b=3, dtype=torch.float32)
     total, *_ = kobj.triton_objective(*(face[n] for n in NAMES), (1.0,) * 6, 1.0, 0.05, use_dot=True)
     assert kobj.last_plan["block_b"] == 16 and torch.isfinite(total)
     assert kobj.BARRIER_MAX_DIM <= kobj.MAX_DIM and kobj.DOT_MAX_DIM <= kobj.MAX_DIM
+    assert WIDE == kobj.MAX_DIM  # the kit's widest case is the triton limit, so every backend runs all of it
 
 
 # ------------------------------------------------------------------------------- labels outside int32
@@ -156,6 +159,47 @@ def test_only_the_cooperative_refusal_is_retried():
                   RuntimeError("PassManager::run failed"),
                   ValueError(kobj.COOPERATIVE_REFUSAL)):
         assert not kobj.cooperative_refusal(other), other
+
+
+def test_the_retry_loop_halves_the_grid_once_and_lets_other_errors_through(monkeypatch):
+    """The fused launch's loop itself, its launch replaced by one that fails as a driver would: a refused
+    cooperative grid is retried once with half the programs per SM (remembered); any other error propagates
+    as it was raised and leaves the occupancy estimate alone."""
+    device = torch.device("cuda", 0)  # never touched: the launch and the SM count are stand-ins
+    monkeypatch.setattr(kobj, "_sm_count", lambda dev: 4)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    outs = tuple(torch.zeros(1) for _ in range(5))
+    grids: list[int] = []
+
+    def refuse_once(kw, nprog, fused, *rest):
+        grids.append(nprog)
+        if len(grids) == 1:
+            raise RuntimeError(f"Triton Error [CUDA]: {kobj.COOPERATIVE_REFUSAL}")
+        return rest
+
+    key = ("retry-test", "refusal")
+    monkeypatch.setitem(kobj._OCC, key, 8)
+    monkeypatch.setattr(kobj, "_run", refuse_once)
+    nblocks = 1000
+    got = kobj._run_cooperative({}, key, 8, kobj.program_count(device, nblocks, 8), nblocks, device, outs)
+    assert got == outs
+    assert grids == [4 * 8, 4 * 4]  # one retry, on half the grid
+    assert kobj._OCC[key] == 4
+
+    illegal = RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+    def fail(kw, nprog, fused, *rest):
+        grids.append(nprog)
+        raise illegal
+
+    grids.clear()
+    key = ("retry-test", "other")
+    monkeypatch.setitem(kobj._OCC, key, 8)
+    monkeypatch.setattr(kobj, "_run", fail)
+    with pytest.raises(RuntimeError) as info:
+        kobj._run_cooperative({}, key, 8, 32, nblocks, device, outs)
+    assert info.value is illegal and grids == [32]  # the same exception object, no retry
+    assert kobj._OCC[key] == 8
 
 
 # --------------------------------------------------------------------------------------- launch mode

@@ -86,6 +86,12 @@ def _cuda_include_dirs() -> list[str]:
     return []
 
 
+def nvrtc_options() -> tuple[str, ...]:
+    """The options the run-time path passes to NVRTC (through cupy, which adds ``-ftz=true`` and, for cooperative
+    groups, ``--device-c``); ``profiling/compile_targets.py`` compiles with the same."""
+    return ("-std=c++17", *("-I" + d for d in _cuda_include_dirs()))
+
+
 def _cupy_reason() -> str | None:
     try:
         import cupy  # noqa: F401
@@ -107,7 +113,7 @@ class _Nvrtc:
         self.kernels: dict[tuple, Any] = {}
         self.streams: dict[tuple[int, int], Any] = {}
         self.source = nvrtc_source()
-        self.options = ("-std=c++17", *("-I" + d for d in _cuda_include_dirs()))
+        self.options = nvrtc_options()
 
     @staticmethod
     def specialise(c: int, k: int) -> bool:
