@@ -172,10 +172,14 @@ def nonfinite_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None 
                     named += _floating([(f"optimizer.{names.get(id(p), '?')}.{key}", t)])
     if not named:
         return []
-    flags = torch.stack([torch.isfinite(t).all().to("cpu", non_blocking=True) for _, t in named])
-    if bool(flags.all()):
-        return []
-    return [name for (name, _), ok in zip(named, flags.tolist()) if not ok]
+    # One flag per tensor, stacked where the tensors live and read once per device (a blocking copy: a
+    # non-blocking one would need an explicit synchronize before the host reads it).
+    finite: dict[str, bool] = {}
+    for device in {t.device for _, t in named}:
+        group = [(n, t) for n, t in named if t.device == device]
+        flags = torch.stack([torch.isfinite(t).all() for _, t in group]).cpu()
+        finite.update(zip((n for n, _ in group), flags.tolist()))
+    return [name for name, _ in named if not finite[name]]
 
 
 # ---------------------------------------------------------------------------------------------------- physical limits

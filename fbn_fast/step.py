@@ -90,8 +90,12 @@ class TrainStep:
                 norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             if not scaled:
                 bad = bad | ~torch.isfinite(norm)
-        values = torch.stack([res.total.detach().float(), *(res.terms[t].float() for t in TERMS)])
-        return values, bad
+        # The objective's own [total, *TERMS] vector (no re-stacking of nine tensors per step); a loss module
+        # that builds its LossOutput without one gets it stacked from its terms.
+        values = res.values
+        if values is None:
+            values = torch.stack([res.total, *(res.terms[t] for t in TERMS)])
+        return values.detach().float(), bad
 
     def apply(self, skip: bool) -> None:
         with self.nvtx.range("optimizer"):

@@ -579,7 +579,8 @@ class Trainer:
     def _agree(self, bad: Tensor) -> tuple[bool, bool]:
         """``(skip, stop)``, the same on every rank: skip the update when any rank's loss or gradient was not
         finite, stop when any rank received a signal. Reading the flags is the one host sync of a step."""
-        stopping = torch.tensor(float(self._stop_signal is not None), device=bad.device)
+        # a fill on the device, not a copy from host memory (which would wait for the stream: a second sync)
+        stopping = bad.new_full((), float(self._stop_signal is not None), dtype=torch.float32)
         flags = fdist.all_reduce_max(torch.stack([bad.float(), stopping]))
         skip, stop = (f > 0 for f in flags.tolist())
         return skip, stop

@@ -164,7 +164,8 @@ def test_module_takes_a_learnable_weight_tensor():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_counts_say_which_tasks_a_batch_carries(backend):
     inputs = batch(b=10, seed=7)
-    out = loss(inputs, backend)
+    assert loss(inputs, backend).counts is None  # only when asked for (a few kernels more per call)
+    out = loss(inputs, backend, counts=True)
     me, ma, mv = inputs["expr_mask"], inputs["au_mask"], inputs["va_mask"]
     want = {"expr": me.sum(), "au": ma.sum(), "va": mv.sum(), "ca_ea": (me[:, None] & ~ma).sum(),
             "ca_ae": (ma.any(1) & ~me).sum(), "dm_ea": 10 * 17, "dm_ae": 10, "dm_ev": 10}
@@ -192,7 +193,8 @@ def test_minus_one_marks_a_missing_expression_without_a_mask(backend):
     with_mask = loss(inputs, backend).total
     alone = {**inputs, "expr": torch.where(inputs["expr_mask"], inputs["expr"], -1), "expr_mask": None}
     got = face_behavior_loss(*(alone[n] for n in LOGITS), **{n: alone[n] for n in (*LABELS, "relatedness",
-                                                                                 "va_means")}, backend=backend)
+                                                                                 "va_means")}, backend=backend,
+                             counts=True)
     assert torch.allclose(got.total, with_mask, atol=TOL64, rtol=0)
     assert int(got.counts["expr"]) == int(inputs["expr_mask"].sum())
 
@@ -229,7 +231,7 @@ def test_inputs_on_another_device_are_an_error_naming_the_tensor(backend, name):
 def test_an_empty_batch_gives_zeros_and_zero_gradients(backend):
     inputs = batch(b=0, seed=13)
     w = torch.ones(8, dtype=F64, requires_grad=True)
-    out = loss(inputs, backend, weights=w, differentiable_terms=True)
+    out = loss(inputs, backend, weights=w, differentiable_terms=True, counts=True)
     assert out.total.item() == 0.0 and all(t.item() == 0.0 for t in out.terms.values())
     grads = torch.autograd.grad(out.total + out.terms["au"], [*(inputs[n] for n in LOGITS), w])
     assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, [*(inputs[n] for n in LOGITS), w]))
@@ -309,3 +311,71 @@ def test_the_torch_backend_is_differentiable_twice():
         return face_behavior_loss(z_e, z_a, inputs["v"], **labels, weights=w, backend="torch").total
 
     assert torch.autograd.gradgradcheck(f, (inputs["z_e"], inputs["z_a"], w))
+
+
+# ---------------------------------------------------------------------------------- hot path of one call
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_values_are_the_term_vector_and_positional_fields_stay(backend):
+    inputs = batch(b=6, seed=20)
+    total, terms, counts, values = loss(inputs, backend)
+    assert counts is None and values.shape == (1 + len(TERMS),) and not values.requires_grad
+    assert torch.equal(values, torch.stack([total.detach(), *(terms[t] for t in TERMS)]))
+
+
+def test_module_weights_are_a_float64_buffer_that_follows_the_module():
+    inputs = batch(b=6, seed=21, dtype=torch.float32)
+    module = FaceBehaviorLoss(inputs["relatedness"], inputs["va_means"], weights=LossWeights(ca=0.1), backend="cpu")
+    assert module.term_weights.dtype == F64 and "term_weights" not in module.state_dict()
+    assert module.term_weights.tolist() == list(LossWeights(ca=0.1).vector())  # exact, not float32-rounded
+    module.half()
+    assert module.term_weights.dtype == F64
+    module.float()
+    out = module(*(inputs[n] for n in LOGITS), *(inputs[n] for n in LABELS))
+    want = face_behavior_loss(*(inputs[n] for n in LOGITS), **{n: inputs[n] for n in (*LABELS, "relatedness",
+                                                                                       "va_means")},
+                              weights=LossWeights(ca=0.1), backend="cpu")
+    assert torch.equal(out.total, want.total)  # the same kernel on the same float64 weights
+    module.weights = LossWeights(ca=0.0)  # new floats bypass the buffer, never a stale weight
+    again = module(*(inputs[n] for n in LOGITS), *(inputs[n] for n in LABELS))
+    assert again.terms["ca_ea"] > 0 and torch.allclose(again.total, out.total - 0.1 * (out.terms["ca_ea"] +
+                                                                                          out.terms["ca_ae"]),
+                                                       atol=1e-5, rtol=0)  # float32 terms: a few ulps
+
+
+def test_functional_weight_cache_is_bounded_and_in_kernel_dtype():
+    from fbn_fast import losses
+
+    inputs = batch(b=4, seed=22, dtype=torch.float32)
+    for i in range(losses._WEIGHT_CACHE_SIZE + 4):
+        loss(inputs, "torch", weights=LossWeights(ca=float(i)))
+    assert len(losses._WEIGHT_TENSORS) <= losses._WEIGHT_CACHE_SIZE
+    assert all(t.dtype == F64 for t in losses._WEIGHT_TENSORS.values())
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="the native cpu backend is not built")
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("dterms", [False, True])
+def test_kernel_launches_per_forward_and_backward(monkeypatch, mode, dterms):
+    from fbn_fast.losses import op
+
+    launches = []
+    impl = op._IMPLS["cpu"]
+    monkeypatch.setitem(op._IMPLS, "cpu", lambda *a: launches.append(1) or impl(*a))
+    inputs = batch(b=6, seed=23, dtype=torch.float32)
+    module = FaceBehaviorLoss(inputs["relatedness"], inputs["va_means"], backend="cpu", differentiable_terms=dterms)
+
+    def run(*args):
+        return module(*args)
+
+    fn = run if mode == "eager" else torch.compile(run, fullgraph=True, backend="aot_eager")
+    out = fn(*(inputs[n] for n in LOGITS), *(inputs[n] for n in LABELS))
+    assert len(launches) == 1
+    out.total.backward(retain_graph=dterms)
+    # Backward of the total: the stored gradients scaled, no relaunch; except compiled with differentiable
+    # terms, where the compiled backward gets zero-filled (not absent) term gradients and cannot tell them
+    # from used ones without a host sync, so it relaunches (mathematically the same gradient).
+    assert len(launches) == (2 if dterms and mode == "compiled" else 1)
+    if dterms:  # a term's gradient is the one relaunch
+        before = len(launches)
+        out.terms["au"].backward()
+        assert len(launches) == before + 1

@@ -62,7 +62,8 @@ def batch(dtype: torch.dtype) -> dict[str, torch.Tensor]:
 def loss_fn(backend: str, dterms: bool, group=None) -> FaceBehaviorLoss:
     prior = R.prior()
     mu = torch.linspace(-0.5, 0.5, 14).reshape(7, 2)
-    return FaceBehaviorLoss(prior, va_means=mu, backend=backend, differentiable_terms=dterms, process_group=group)
+    return FaceBehaviorLoss(prior, va_means=mu, backend=backend, differentiable_terms=dterms, process_group=group,
+                            counts=True)
 
 
 def step(model: nn.Module, loss: FaceBehaviorLoss, data: dict, dterms: bool) -> dict:

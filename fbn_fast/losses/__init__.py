@@ -7,13 +7,15 @@
 Weights are data: one per term (:data:`TERM_WEIGHTS`), as :class:`LossWeights` (floats) or as a tensor of 8
 on the logits' device, which may require grad (d total / d w_i = L_i) and may change every step without
 recompiling a compiled step. ``differentiable_terms=True`` makes every term differentiable from the same
-call (GradNorm, PCGrad, MGDA). ``out.counts`` says how many labelled entries each term averaged over.
+call (GradNorm, PCGrad, MGDA). ``counts=True`` adds ``out.counts``, how many labelled entries each term
+averaged over (a few small kernels more, so off by default; always there with ``process_group``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, fields
 from typing import ClassVar, NamedTuple
 
@@ -25,7 +27,7 @@ from torch import Tensor
 from ..validation import validate_labels, validate_relatedness
 from .backends import BACKENDS, available_backends, resolve_backend
 from .distributed import global_objective
-from .op import check_classes, check_inputs, compute_dtype, objective
+from .op import KERNEL_WEIGHT_DTYPE, check_classes, check_inputs, compute_dtype, objective
 from .reference import DEFAULT_EPS, TERM_WEIGHTS, TERMS, WEIGHT_GROUPS, WEIGHTS, expand_weights, reference_terms
 from .tables import TableModule
 
@@ -109,30 +111,40 @@ class LossWeights:
 
 class LossOutput(NamedTuple):
     """``total`` is differentiable; ``terms`` holds each term of docs/method.md §3 (detached for logging, unless
-    ``differentiable_terms=True``); ``counts`` the number of labelled entries each term averages over (0-d
-    int64 tensors, no host sync: ``expr``, ``va``, ``ca_ae`` count rows, ``au``, ``ca_ea`` (row, AU)
-    entries, ``dm_ea`` B·K, ``dm_ae`` B, ``dm_ev`` B with VA means, else 0)."""
+    ``differentiable_terms=True``); ``counts``, when asked for (``counts=True``, or with ``process_group``;
+    else ``None``), the number of labelled entries each term averages over (0-d int64 tensors, no host sync:
+    ``expr``, ``va``, ``ca_ae`` count rows, ``au``, ``ca_ea`` (row, AU) entries, ``dm_ea`` B·K, ``dm_ae`` B,
+    ``dm_ev`` B with VA means, else 0); ``values`` the vector ``[total, *TERMS]`` that ``terms`` views (one
+    tensor to log or accumulate, detached like ``terms``)."""
 
     total: Tensor
     terms: dict[str, Tensor]
     counts: dict[str, Tensor] | None = None
+    values: Tensor | None = None
 
 
-#: Float weights as device tensors, by (values, device, dtype): a step with fixed weights then copies nothing
-#: to the device (on CUDA such a copy would wait for the stream).
-_WEIGHT_TENSORS: dict[tuple, Tensor] = {}
+#: Float weights of the functional form as device tensors in the dtype the kernels read, by (values, device):
+#: a step with fixed weights then copies and casts nothing (on CUDA a copy from the host waits for the stream).
+#: At most :data:`_WEIGHT_CACHE_SIZE` entries, least recently used dropped first. Dropping an entry only
+#: drops the cache's reference (a tensor still referenced stays alive), but a CUDA graph holds no reference to
+#: what it reads: capture the module (whose weights live in a buffer), not the functional form with float
+#: weights.
+_WEIGHT_TENSORS: OrderedDict[tuple, Tensor] = OrderedDict()
+_WEIGHT_CACHE_SIZE = 16
 
 
-def _weight_tensor(weights: LossWeights, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _weight_tensor(weights: LossWeights, device: torch.device) -> Tensor:
     values = weights.vector()
     if torch.compiler.is_compiling():  # a graph constant under torch.compile
-        return torch.tensor(values, dtype=dtype, device=device)
-    key = (values, device, dtype)
+        return torch.tensor(values, dtype=KERNEL_WEIGHT_DTYPE, device=device)
+    key = (values, device)
     t = _WEIGHT_TENSORS.get(key)
     if t is None:
-        if len(_WEIGHT_TENSORS) > 64:
-            _WEIGHT_TENSORS.clear()
-        t = _WEIGHT_TENSORS[key] = torch.tensor(values, dtype=dtype, device=device)
+        t = _WEIGHT_TENSORS[key] = torch.tensor(values, dtype=KERNEL_WEIGHT_DTYPE, device=device)
+        if len(_WEIGHT_TENSORS) > _WEIGHT_CACHE_SIZE:
+            _WEIGHT_TENSORS.popitem(last=False)
+    else:
+        _WEIGHT_TENSORS.move_to_end(key)
     return t
 
 
@@ -143,19 +155,20 @@ def _labels(name: str, label: Tensor | None, mask: Tensor | None) -> None:
                          f"without its label, would be ignored or train towards zeros)")
 
 
-def term_counts(expr_mask: Tensor, au_mask: Tensor, va_mask: Tensor, has_va_means: bool) -> dict[str, Tensor]:
-    """Labelled entries per term (see :class:`LossOutput`), as 0-d int64 tensors on the masks' device."""
+def term_counts(expr_mask: Tensor, au_mask: Tensor, va_mask: Tensor, has_va_means: bool) -> Tensor:
+    """Labelled entries per term in :data:`TERMS` order (see :class:`LossOutput`): an (8,) int64 tensor on the
+    masks' device. A few small kernels: computed only when asked for, or for a DDP reduction."""
     b, k = au_mask.shape
     me, mv = (expr_mask != 0).to(torch.int32), (va_mask != 0).to(torch.int32)
     n_ann = (au_mask != 0).sum(1, dtype=torch.int32)  # annotated AUs per row
     h = (n_ann > 0).to(torch.int32) * (1 - me)
-    # One reduction for the five label counts (few small kernels: this runs on every step).
+    # One reduction for the five label counts.
     per_row = torch.stack([me, n_ann, mv, me * (k - n_ann), h], 1).sum(0, dtype=torch.int64)
     fixed = per_row.new_full((3,), b)  # B·K, B, B (0 without VA means): fills, no copy from the host
     fixed[0] = b * k
     if not has_va_means:
         fixed[2] = 0
-    return dict(zip(TERMS, torch.cat([per_row, fixed]).unbind(0)))
+    return torch.cat([per_row, fixed])
 
 
 def face_behavior_loss(
@@ -177,6 +190,7 @@ def face_behavior_loss(
     validate: bool = False,
     differentiable_terms: bool = False,
     process_group: dist.ProcessGroup | None = None,
+    counts: bool = False,
 ) -> LossOutput:
     """The objective of docs/method.md §3 for one batch; see :class:`FaceBehaviorLoss`.
 
@@ -193,6 +207,10 @@ def face_behavior_loss(
     ``process_group`` (e.g. ``torch.distributed.group.WORLD``): normalise over the global batch of its ranks
     (label counts and VA statistics all-reduced; values and ``counts`` of the global batch, gradients scaled
     for DDP's mean over ranks; see :mod:`fbn_fast.losses.distributed`).
+    ``counts=True``: ``out.counts`` holds the labelled entries of each term (a few small kernels more per
+    call, so off by default: ``out.counts`` is then ``None``; with ``process_group`` always there).
+    Float weights are cached on the device (a bounded cache): under CUDA graph capture use
+    :class:`FaceBehaviorLoss`, or a weight tensor, not float weights here.
     """
     dev = z_e.device
     _labels("au", au, au_mask)
@@ -211,41 +229,51 @@ def face_behavior_loss(
     au_mask = torch.zeros(b, k, dtype=torch.bool, device=dev) if au_mask is None else au_mask
     va = torch.zeros(b, 2, dtype=ft, device=dev) if va is None else va
     va_mask = torch.zeros(b, dtype=torch.bool, device=dev) if va_mask is None else va_mask
-    if torch.is_tensor(weights):
-        w = weights
-    else:
-        w = _weight_tensor(LossWeights.coerce(weights), dev, ft)
+    w = weights if torch.is_tensor(weights) else _weight_tensor(LossWeights.coerce(weights), dev)
 
     name = resolve_backend(backend, dev)
     args = (z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means, w, float(temperature),
             float(eps))
-    # The op's contract, before anything reads the labels (the counts, a DDP reduction); no host sync.
-    _, c, k = check_inputs(name, *args)
-    if validate:
-        validate_relatedness(relatedness, c, k)
-        validate_labels(expr, expr_mask, au, au_mask, va, va_mask, num_classes=c, num_aus=k, batch=b)
-    if name == "torch":
-        if not torch.compiler.is_compiling():  # a data-dependent check; compiled, a bad class gives NaN
+    if name == "torch" or validate or process_group is not None:
+        # The op's contract here too where something reads the labels before the op (which checks every
+        # fused call itself): the reference (no op), the label validation, a DDP reduction. No host sync.
+        _, c, k = check_inputs(name, *args)
+        if validate:
+            validate_relatedness(relatedness, c, k)
+            validate_labels(expr, expr_mask, au, au_mask, va, va_mask, num_classes=c, num_aus=k, batch=b)
+        if name == "torch" and not torch.compiler.is_compiling():  # data-dependent; compiled, a bad class is NaN
             check_classes(expr, expr_mask, c)
 
     def run(weights: Tensor) -> tuple[Tensor, Tensor]:
-        """The total and the eight terms of this batch with the per-term weight tensor ``weights``."""
+        """The total and the vector ``[total, *TERMS]`` of this batch with the per-term weight tensor
+        ``weights``."""
         call = (*args[:11], weights, *args[12:])
         if name == "torch":
-            terms = reference_terms(*call)
-            return terms[0], terms[1:]
-        total, terms = objective(*call, name, differentiable_terms)[:2]
-        return total, terms[1:]
+            values = reference_terms(*call)
+            return values[0], values
+        return objective(*call, name, differentiable_terms)[:2]
 
-    counts = term_counts(expr_mask, au_mask, va_mask, va_means is not None)
     if process_group is not None:
-        total, terms, global_counts = global_objective(run, v, va, va_mask, torch.stack([counts[t] for t in TERMS]),
-                                                       w, process_group, differentiable_terms)
-        return LossOutput(total, dict(zip(TERMS, terms.unbind(0))), dict(zip(TERMS, global_counts.unbind(0))))
-    total, terms = run(w)
+        local = term_counts(expr_mask, au_mask, va_mask, va_means is not None)
+        total, terms, global_counts = global_objective(_terms_only(run), v, va, va_mask, local, w, process_group,
+                                                       differentiable_terms)
+        values = torch.cat([(total if differentiable_terms else total.detach()).reshape(1), terms])
+        return LossOutput(total, dict(zip(TERMS, terms.unbind(0))), dict(zip(TERMS, global_counts.unbind(0))),
+                          values)
+    total, values = run(w)
     if not differentiable_terms:
-        terms = terms.detach()
-    return LossOutput(total, dict(zip(TERMS, terms.unbind(0))), counts)
+        values = values.detach()
+    # After the op, which checked the masks; only when asked (the trainer does not read them).
+    n = dict(zip(TERMS, term_counts(expr_mask, au_mask, va_mask, va_means is not None).unbind(0))) if counts else None
+    return LossOutput(total, dict(zip(TERMS, values[1:].unbind(0))), n, values)
+
+
+def _terms_only(run: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """``run`` returning the eight terms instead of ``[total, *TERMS]`` (what :func:`global_objective` takes)."""
+    def local(weights: Tensor) -> tuple[Tensor, Tensor]:
+        total, values = run(weights)
+        return total, values[1:]
+    return local
 
 
 class FaceBehaviorLoss(TableModule):
@@ -259,7 +287,10 @@ class FaceBehaviorLoss(TableModule):
         weights: :class:`LossWeights` or a dict of its fields (``expr, au, va, ca, dm, ev`` and the per-term
             ``ca_ea, ca_ae, dm_ea, dm_ae, dm_ev``), or a floating tensor of one weight per term
             (:data:`TERM_WEIGHTS`; an ``nn.Parameter`` is learned with the module). ``forward(weights=...)``
-            overrides them for one call (weights that change every step: a tensor, no recompilation).
+            overrides them for one call (weights that change every step: a tensor, no recompilation). Float
+            weights live in a non-persistent float64 buffer (the dtype the kernels read; it moves with
+            ``.to()`` and stays float64 under dtype casts), so a call copies and casts nothing, and the module
+            can be captured in a CUDA graph.
         differentiable_terms: make ``out.terms`` differentiable (one call for GradNorm, PCGrad, MGDA).
         temperature: T of the AU→expression softmaxes.
         backend: ``auto`` (fastest available for the tensors' device), ``torch``, ``triton``, ``cpu``, ``cuda``.
@@ -271,6 +302,8 @@ class FaceBehaviorLoss(TableModule):
         process_group: normalise over the global batch of this group's ranks under DDP (e.g.
             ``torch.distributed.group.WORLD``; opt-in, see :mod:`fbn_fast.losses.distributed`): the loss and,
             after DDP's mean, the gradient of the global batch. ``None``: each rank normalises its own batch.
+        counts: also return ``out.counts``, the labelled entries per term (a few small kernels more per call;
+            always there with ``process_group``).
     """
 
     def __init__(
@@ -287,6 +320,7 @@ class FaceBehaviorLoss(TableModule):
         persistent: bool = False,
         differentiable_terms: bool = False,
         process_group: dist.ProcessGroup | None = None,
+        counts: bool = False,
     ) -> None:
         super().__init__(persistent)
         from ..relatedness import Relatedness
@@ -307,7 +341,13 @@ class FaceBehaviorLoss(TableModule):
                                        dtype=torch.float32)
         self.register_table("va_means", va_means)
         self.weights = weights if torch.is_tensor(weights) else LossWeights.coerce(weights)
+        # The float weights the buffer holds: a later assignment of other floats to ``weights`` bypasses it.
+        self._buffered_weights = None if torch.is_tensor(weights) else self.weights
+        fixed = None if self._buffered_weights is None else torch.tensor(self._buffered_weights.vector(),
+                                                                           dtype=KERNEL_WEIGHT_DTYPE)
+        self.register_buffer("term_weights", fixed, persistent=False)
         self.differentiable_terms = bool(differentiable_terms)
+        self.counts = bool(counts)
         self.process_group = process_group
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
@@ -315,11 +355,21 @@ class FaceBehaviorLoss(TableModule):
 
     def forward(self, z_e: Tensor, z_a: Tensor, v: Tensor, expr=None, expr_mask=None, au=None, au_mask=None,
                 va=None, va_mask=None, weights: Tensor | LossWeights | None = None) -> LossOutput:
+        if weights is None:
+            weights = self.term_weights if self.weights is self._buffered_weights else self.weights
         return face_behavior_loss(z_e, z_a, v, self.relatedness, expr, expr_mask, au, au_mask, va, va_mask,
-                                  va_means=self.va_means, weights=self.weights if weights is None else weights,
-                                  temperature=self.temperature, eps=self.eps, backend=self.backend,
-                                  validate=self.validate, differentiable_terms=self.differentiable_terms,
-                                  process_group=self.process_group)
+                                  va_means=self.va_means, weights=weights, temperature=self.temperature,
+                                  eps=self.eps, backend=self.backend, validate=self.validate,
+                                  differentiable_terms=self.differentiable_terms, process_group=self.process_group,
+                                  counts=self.counts)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FaceBehaviorLoss:
+        old = self.term_weights
+        out = super()._apply(fn, recurse)
+        new = self.term_weights
+        if new is not None and new.dtype != KERNEL_WEIGHT_DTYPE:  # ``.half()`` etc.: keep the exact float64 weights
+            self._buffers["term_weights"] = old.to(device=new.device)
+        return out
 
     def extra_repr(self) -> str:
         c, k = self.relatedness.shape

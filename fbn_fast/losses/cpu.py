@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .backends import load_extension
-from .op import as_contiguous, check_inputs, compute_dtype, invalid_class_error, register_impl, weight_vector
+from .op import as_contiguous, check_inputs, compute_dtype, invalid_class_error, kernel_weights, register_impl
 
 _cpu_ext, _cpu_missing = load_extension("_native")
 _threads: int | None = None
@@ -98,7 +98,7 @@ def objective_cpu(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: 
     me, ma, mv = (as_contiguous(t, torch.bool) for t in (expr_mask, au_mask, va_mask))
     ya, yv, rel = (as_contiguous(t, dt) for t in (au, va, relatedness))
     mu = None if va_means is None else as_contiguous(va_means, dt)
-    wts = as_contiguous(weight_vector(weights, ze).detach(), torch.float64)
+    wts = kernel_weights(weights, ze.device)
     terms = torch.empty(9, dtype=dt)
     ge, ga, gv = torch.empty_like(ze), torch.empty_like(za), torch.empty_like(vv)
     bad = _cpu_ext.objective(
@@ -128,4 +128,4 @@ def availability(backend: str, device: torch.device) -> str | None:
     return None
 
 
-register_impl("cpu", _cpu_impl, limits)
+register_impl("cpu", _cpu_impl, limits, checks_classes=True)  # the kernel reports a bad class (``bad`` above)

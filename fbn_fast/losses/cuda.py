@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .backends import grid_barrier, load_extension
-from .op import as_contiguous, check_inputs, compute_dtype, register_impl, weight_vector
+from .op import as_contiguous, check_inputs, compute_dtype, kernel_weights, register_impl
 
 _cuda_ext, _cuda_missing = load_extension("_native_cuda")
 
@@ -249,7 +249,7 @@ def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask:
     if total is not None and (total.shape != () or total.dtype != dt or total.device != dev):
         raise ValueError(f"total: expected a 0-d {dt} tensor on {dev}, got {tuple(total.shape)} "
                          f"{total.dtype} on {total.device}")
-    wts = as_contiguous(weight_vector(weights, terms).detach(), torch.float64)
+    wts = kernel_weights(weights, dev)
     ptrs = [t.data_ptr() for t in (ze, za, vv, ex, me, ya, ma, yv, mv, rel)]
     ptrs += [0 if mu is None else mu.data_ptr(), terms.data_ptr(), 0 if total is None else total.data_ptr()]
     ptrs += [t.data_ptr() for t in (ge, ga, gv, work, wts)]

@@ -25,7 +25,11 @@ device type, Triton's largest C and K). Implementations read their inputs unchec
 entry points for tests and tuning (``triton_objective``, ``objective_cpu``, ``objective_cuda``) run the
 same check. An empty batch (B = 0) gives zeros and zero gradients on every backend without a launch. An
 expression class outside [0, C) under a true mask raises ``ValueError`` for CPU tensors (the values are on
-the host) and makes the ``expr`` term and the total NaN on a GPU (checking would be a host sync).
+the host) and makes the ``expr`` term and the total NaN on a GPU (checking would be a host sync): the op checks
+the classes of CPU tensors itself (:func:`check_classes`) unless the backend registered that its kernel does
+(``register_impl(..., checks_classes=True)``, as the ``cpu`` backend, whose kernel reports the first bad row).
+The weights reach every kernel as float64 (:data:`KERNEL_WEIGHT_DTYPE`): a float64 weight tensor (the
+module's buffer, the functional form's cache) is read as is, without a cast per call.
 """
 
 from __future__ import annotations
@@ -40,25 +44,35 @@ from .analytic import analytic_terms_and_grads
 from .reference import TERM_WEIGHTS, TERMS, expand_weights, invalid_classes, weight_vector
 
 #: impl name -> function(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, R, mu, weights, T, eps)
-#: returning (total, terms, grad_z_e, grad_z_a, grad_v); ``weights`` is the (8,) per-term weight tensor in the
-#: compute dtype on the inputs' device; ``total`` and ``terms`` are in the compute dtype and ``total`` must
-#: not be a view of ``terms``.
+#: returning (total, terms, grad_z_e, grad_z_a, grad_v); ``weights`` is the (8,) per-term weight tensor on the
+#: inputs' device in the caller's floating dtype (the fused kernels read :func:`kernel_weights`); ``total`` and
+#: ``terms`` are in the compute dtype and ``total`` must not be a view of ``terms``.
 ImplFn = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]
 #: A backend's own limits: ``limits(z_e, B, C, K)`` raises ``ValueError`` (naming the tensor) for inputs that
 #: pass :func:`check_inputs` but that this backend cannot take.
 LimitsFn = Callable[[Tensor, int, int, int], None]
 _IMPLS: dict[str, ImplFn] = {}
 _LIMITS: dict[str, LimitsFn | None] = {}
+#: Backends whose implementation raises the invalid-class ``ValueError`` of :func:`check_classes` itself.
+_CHECKS_CLASSES: set[str] = set()
+#: The dtype in which every fused kernel reads the per-term weights.
+KERNEL_WEIGHT_DTYPE = torch.float64
 
 #: Storage dtypes of ``z_e``, ``z_a``, ``v`` (and of their gradients) that every backend reads.
 LOGIT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NAMES = ("z_e", "z_a", "v", "expr", "expr_mask", "au", "au_mask", "va", "va_mask", "relatedness", "va_means")
 
 
-def register_impl(name: str, fn: ImplFn, limits: LimitsFn | None = None) -> None:
-    """Make ``fn`` callable as ``impl=name`` through the op; ``limits`` adds the backend's own input limits."""
+def register_impl(name: str, fn: ImplFn, limits: LimitsFn | None = None, checks_classes: bool = False) -> None:
+    """Make ``fn`` callable as ``impl=name`` through the op; ``limits`` adds the backend's own input limits;
+    ``checks_classes``: ``fn`` raises :func:`invalid_class_error` for CPU tensors itself, so the op skips its
+    own (value-reading) :func:`check_classes`."""
     _IMPLS[name] = fn
     _LIMITS[name] = limits
+    if checks_classes:
+        _CHECKS_CLASSES.add(name)
+    else:
+        _CHECKS_CLASSES.discard(name)
 
 
 def registered_impls() -> tuple[str, ...]:
@@ -74,6 +88,14 @@ DOUBLE_BACKWARD = (b"fbn_fast::objective: the fused backends ('cpu', 'cuda', 'tr
 def compute_dtype(z_e: Tensor) -> torch.dtype:
     """The dtype every backend computes in (as the reference): float64 for float64 logits, else float32."""
     return torch.float64 if z_e.dtype == torch.float64 else torch.float32
+
+
+def kernel_weights(weights: Tensor | Sequence[float], device: torch.device) -> Tensor:
+    """The (8,) per-term weights as the fused kernels read them: contiguous :data:`KERNEL_WEIGHT_DTYPE` on
+    ``device``, detached; a float64 tensor is returned as is (no kernel)."""
+    if torch.is_tensor(weights):
+        return as_contiguous(weights.detach(), KERNEL_WEIGHT_DTYPE)
+    return torch.tensor(expand_weights(weights), dtype=KERNEL_WEIGHT_DTYPE, device=device)
 
 
 def as_contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -182,7 +204,8 @@ def _objective_op(
     fn = _impl(impl)
     b, c, _ = check_inputs(impl, z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means,
                            weights, temperature, eps)
-    check_classes(expr, expr_mask, c)
+    if impl not in _CHECKS_CLASSES:
+        check_classes(expr, expr_mask, c)
     return _launch(fn, (z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means),
                    weights, temperature, eps)
 
@@ -193,7 +216,7 @@ def _launch(fn: ImplFn, tensors: tuple, weights: Tensor, temperature: float,
     if z_e.shape[0] == 0:  # an empty batch: every term 0 (docs/method.md §3), nothing to launch
         terms = z_e.new_zeros((1 + len(TERMS),), dtype=compute_dtype(z_e))
         return terms[0].clone(), terms, torch.zeros_like(z_e), torch.zeros_like(z_a), torch.zeros_like(v)
-    return fn(*tensors, weights.to(compute_dtype(z_e)), temperature, eps)
+    return fn(*tensors, weights, temperature, eps)
 
 
 def objective(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor, au_mask: Tensor,
@@ -207,7 +230,7 @@ def objective(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tens
     make the terms differentiable as well as the total (see the module docstring).
     """
     if not torch.is_tensor(weights):
-        weights = weight_vector(weights, z_e.new_empty((), dtype=compute_dtype(z_e)))
+        weights = weight_vector(weights, z_e.new_empty((), dtype=KERNEL_WEIGHT_DTYPE))
     return _objective_op(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means, weights,
                          float(temperature), float(eps), impl, bool(differentiable_terms))
 
