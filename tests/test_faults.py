@@ -32,11 +32,13 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals a
 FAST = {"num_threads": 1}
 
 
-def _start(argv: list[str]) -> subprocess.Popen:
-    """``python -m fbn_fast.train`` in its own process group (as a batch system starts a job step)."""
+def _start(argv: list[str], log: Path) -> subprocess.Popen:
+    """``python -m fbn_fast.train`` in its own process group (as a batch system starts a job step); its output
+    goes to ``log`` (a file, not a pipe: nobody reads a pipe while the test polls, and a full one would block)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "fbn_fast.train", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "fbn_fast.train", *argv], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _last_step(run: Path) -> int:
@@ -46,20 +48,21 @@ def _last_step(run: Path) -> int:
         return 0
 
 
-def _signal_group_at(proc: subprocess.Popen, run: Path, step: int, sig: int) -> str:
-    """Send ``sig`` to the whole process group (the trainer and its loader workers) once ``step`` is logged."""
+def _signal_group_at(proc: subprocess.Popen, log: Path, run: Path, step: int, sig: int) -> str:
+    """Send ``sig`` to the whole process group (the trainer and its loader workers) once ``step`` is logged;
+    returns what the run printed."""
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and _last_step(run) < step:
             time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()[1]}"
+        assert proc.poll() is None, f"the run ended before step {step}: {log.read_text()}"
         os.killpg(proc.pid, sig)
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return err
+    return log.read_text()
 
 
 def _state_equal(a: dict, b: dict) -> None:
@@ -85,18 +88,21 @@ def test_process_group_signals_at_random_steps_leave_checkpoints_and_an_exact_re
     argv = _argv(synth, tmp_path, "chain", resume="auto", **opts)
     rng = random.Random(12)
     stops = []
-    # Ten SIGTERMs to the process group, then the batch system's SIGUSR1; each process continues the last.
-    for sig in [signal.SIGTERM] * 10 + [signal.SIGUSR1]:
+    # Ten SIGTERMs to the process group, a SIGINT (Ctrl-C reaches the terminal's whole group), then the batch
+    # system's SIGUSR1; each process continues the last.
+    for i, sig in enumerate([signal.SIGTERM] * 10 + [signal.SIGINT, signal.SIGUSR1]):
         start = _last_step(run) if run.exists() else 0
-        proc = _start(argv)
-        err = _signal_group_at(proc, run, start + rng.randint(1, 3), sig)
+        log = tmp_path / f"stop{i}.log"
+        proc = _start(argv, log)
+        err = _signal_group_at(proc, log, run, start + rng.randint(1, 3), sig)
         assert proc.returncode == faults.signal_exit_status(sig), err
         assert "Traceback" not in err and "killed by signal" not in err, err
         saved = load_checkpoint(latest_checkpoint(run))["step"]
         assert saved == _records(run)[-1]["step"] > start, err  # the last completed step, nothing lost
         stops.append(saved)
     assert faults.signal_exit_status(signal.SIGUSR1) == faults.EXIT_REQUEUE == 75
-    assert faults.signal_exit_status(signal.SIGTERM) == 143 and len(set(stops)) == 11
+    assert faults.signal_exit_status(signal.SIGTERM) == 143 and faults.signal_exit_status(signal.SIGINT) == 130
+    assert len(set(stops)) == 12
     assert main(argv) == 0  # the requeued job: --resume auto to the end
 
     straight, chained = _records(tmp_path / "straight"), _records(run)

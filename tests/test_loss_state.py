@@ -40,8 +40,9 @@ def test_tables_stay_float32_under_module_casts(cast):
 
 def test_tables_follow_device_moves_and_stay_out_of_the_state_dict_by_default():
     loss = FaceBehaviorLoss(_with_means())
-    loss.to("cpu")
-    assert loss.relatedness.device.type == "cpu"
+    loss.to("meta")  # a real move (the meta device needs no GPU)
+    assert {t.device.type for t in (loss.relatedness, loss.va_means, loss.term_weights)} == {"meta"}
+    assert loss.relatedness.dtype == torch.float32 and loss.term_weights.dtype == torch.float64
     assert list(loss.state_dict()) == []
     # the tables and the float64 weights the kernels read: buffers that move with the module, none saved
     assert {name for name, _ in loss.named_buffers()} == {"relatedness", "va_means", "term_weights"}
