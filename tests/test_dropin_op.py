@@ -379,3 +379,27 @@ def test_kernel_launches_per_forward_and_backward(monkeypatch, mode, dterms):
         before = len(launches)
         out.terms["au"].backward()
         assert len(launches) == before + 1
+
+
+# ------------------------------------------------------------------------------------------- on a card
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_module_step_has_no_host_sync_on_the_card(backend):
+    # docs/method.md: every term without a host synchronisation. The module's float64 weight buffer and its
+    # tables live on the device, so a forward + backward of the module raises nothing under "error" mode.
+    why = available_backends("cuda")[backend]
+    assert why.startswith("available"), why
+    inputs = {n: t.cuda() if torch.is_tensor(t) else t for n, t in batch(b=4096, dtype=torch.float32).items()}
+    inputs.update({n: inputs[n].detach().requires_grad_() for n in LOGITS})
+    module = FaceBehaviorLoss(inputs["relatedness"].cpu(), inputs["va_means"].cpu(), backend=backend).cuda()
+    labels = {n: inputs[n] for n in LABELS}
+    module(*(inputs[n] for n in LOGITS), **labels).total.backward()  # warm-up: compile, first allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = module(*(inputs[n] for n in LOGITS), **labels)
+        out.total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.total).item()
