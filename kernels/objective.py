@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from fbn_fast.losses.backends import grid_barrier
-from fbn_fast.losses.op import check_inputs, register_impl, weight_vector
+from fbn_fast.losses.op import check_inputs, kernel_weights, register_impl
 
 try:
     import triton
@@ -704,7 +704,7 @@ def triton_objective(
 
     terms = torch.empty(9, dtype=acc_t, device=device)
     total = torch.empty((), dtype=acc_t, device=device)
-    wts = weight_vector(weights, terms).detach().to(torch.float64).contiguous()
+    wts = kernel_weights(weights, device)
     g_e, g_a, g_v = torch.empty_like(z_e), torch.empty_like(z_a), torch.empty_like(v)
     mu = relatedness if va_means is None else va_means  # placeholder pointer when there is no μ
     hi_lo = _scalar_args((1.0 / float(temperature), float(eps)))
