@@ -121,6 +121,7 @@ __all__ = [
     "default_synth_dir",
     "main",
     "resolve_amp",
+    "resolve_resume",
 ]
 
 #: Settings of one invocation that a resumed run does not inherit from its checkpoint.
@@ -835,12 +836,6 @@ def _resume_candidates(cfg: TrainConfig) -> tuple[list[Path], Path | None, str |
     raise ValueError(f"--resume: {cfg.resume!r} is neither 'auto', a run folder nor a checkpoint file")
 
 
-def _resolve_resume(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
-    """``(newest checkpoint, run folder)`` for ``--resume``; ``(None, None)`` for a fresh run."""
-    candidates, run_dir, _ = _resume_candidates(cfg)
-    return (candidates[0], run_dir) if candidates else (None, None)
-
-
 def _load_newest_intact(candidates: list[Path]) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
     """The first of ``candidates`` that loads and matches its checksum: ``(path, contents, warnings about the
     newer ones skipped)``; ``ValueError`` when none does."""
@@ -859,6 +854,15 @@ def _load_newest_intact(candidates: list[Path]) -> tuple[Path | None, dict[str, 
     return None, None, []
 
 
+def resolve_resume(cfg: TrainConfig) -> tuple[Path | None, Path | None, dict[str, Any] | None, list[str]]:
+    """What ``--resume`` continues: ``(checkpoint, run folder, its contents, warnings)``, the checkpoint being the
+    newest intact one (a corrupt newer one is skipped with a warning); ``(None, None, None, notes)`` for a fresh
+    run. ``ValueError`` when nothing usable is there."""
+    candidates, run_dir, note = _resume_candidates(cfg)
+    ckpt, state, notes = _load_newest_intact(candidates)
+    return ckpt, (run_dir if ckpt is not None else None), state, notes + ([note] if note else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fbn_fast.train`` / ``fbn-train``; returns the exit status (see module doc)."""
     values, control, parser = explicit_values(argv)
@@ -866,9 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     state, notes = None, []
     try:
         cfg = TrainConfig.from_dict(values, where=str(recipe or "options"))
-        candidates, run_dir, note = _resume_candidates(cfg)
-        ckpt, state, notes = _load_newest_intact(candidates)
-        notes += [note] if note else []
+        ckpt, run_dir, state, notes = resolve_resume(cfg)
         if ckpt is not None:
             # Continue with the run's own settings; options given now (e.g. a longer --steps) override them.
             saved = {k: v for k, v in state["config"].items() if k in TrainConfig.fields() and k not in PER_INVOCATION}

@@ -26,13 +26,13 @@ DRIVER = textwrap.dedent("""
     import sys, torch
     from fbn_fast import distributed as fdist
     from fbn_fast.config import parse_args
-    from fbn_fast.train import Trainer, _resolve_resume
+    from fbn_fast.train import Trainer, resolve_resume
 
     out, argv = sys.argv[1], sys.argv[2:]
     cfg = parse_args(argv)
     env = fdist.init_distributed("cpu")
-    ckpt, run_dir = _resolve_resume(cfg)
-    trainer = Trainer(cfg, env, resume_from=ckpt, run_dir=run_dir)
+    ckpt, run_dir, state, _ = resolve_resume(cfg)
+    trainer = Trainer(cfg, env, resume_from=ckpt, run_dir=run_dir, checkpoint=state)
     try:
         status = trainer.run()
         params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
