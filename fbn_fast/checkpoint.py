@@ -279,12 +279,14 @@ def save_checkpoint(
     counters: dict[str, Any] | None = None,
     world_size: int = 1,
     trained_on: dict[str, Any] | None = None,
+    refresh: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temporary file, fsync, rename). Returns the path.
 
     ``loader_states`` and ``rng_states`` are lists indexed by rank (gather them before calling on rank 0).
-    ``relatedness`` is :meth:`fbn_fast.relatedness.Relatedness.to_json` of the table used; ``trained_on`` is
-    :func:`training_record` of the run.
+    ``relatedness`` is :meth:`fbn_fast.relatedness.Relatedness.to_json` of the table the run started with;
+    ``trained_on`` is :func:`training_record` of the run; ``refresh`` (per rank, like ``loader_states``) the
+    state of the table re-estimated since (:class:`fbn_fast.coupling.RelatednessRefresh`: its ``"table"``).
     """
     plain = unwrap_model(model)
     obj = {
@@ -303,6 +305,7 @@ def save_checkpoint(
         "counters": dict(counters or {}),
         "world_size": int(world_size),
         "trained_on": _encode(dict(trained_on or {})),
+        "refresh": refresh,
     }
     path = Path(path)
     _atomic_torch_save(obj, path)
@@ -367,7 +370,7 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu", *, eval_mode:
     if arch.get("channels_last", False):
         model.to(memory_format=torch.channels_last)
     model.train(not eval_mode)
-    config = TrainConfig.from_dict(ckpt["config"], strict=False, where=str(path)) if ckpt.get("config") else None
+    config = TrainConfig.from_saved(ckpt["config"], where=str(path)) if ckpt.get("config") else None
     rel = Relatedness.from_json(ckpt["relatedness"]) if ckpt.get("relatedness") else None
     return model, config, rel
 

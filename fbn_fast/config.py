@@ -43,6 +43,10 @@ __all__ = [
     "warn_deprecated",
 ]
 
+#: Options whose default changed after runs were saved without them, and the value such a run trained with.
+SAVED_BEFORE: dict[str, Any] = {"coupling_scarcity_au": 0.0, "coupling_scarcity_expr": 0.0}
+#: The per-direction coupling weights (each ``None``: its group's λ).
+COUPLING_DIRECTIONS: tuple[str, ...] = ("lambda_ca_ea", "lambda_ca_ae", "lambda_dm_ea", "lambda_dm_ae")
 SECTIONS: tuple[str, ...] = ("run", "data", "model", "optim", "loss", "profile")
 #: Input pipeline paths (fbn_fast.data.pipeline.BACKENDS; repeated here so parsing options stays light).
 _LOADER_BACKENDS: tuple[str, ...] = ("auto", "dali", "cpu", "nvjpeg")
@@ -135,10 +139,30 @@ class TrainConfig:
                           "points of expression accuracy in the measured ablation, training/results/)")
     lambda_dm: float = _f(1.0, "loss", "weight λ_dm of the distribution-matching terms")
     lambda_ev: float = _f(1.0, "loss", "weight λ_ev of expression→VA matching (needs VA means: --relatedness data)")
+    # One coupling direction at a time (None: the group's λ). E→A = expression→AU, A→E = AU→expression.
+    lambda_ca_ea: float | None = _f(None, "loss", "weight of E→A co-annotation alone (default: --lambda-ca)")
+    lambda_ca_ae: float | None = _f(None, "loss", "weight of A→E co-annotation alone (default: --lambda-ca)")
+    lambda_dm_ea: float | None = _f(None, "loss", "weight of E→A distribution matching alone (default: --lambda-dm)")
+    lambda_dm_ae: float | None = _f(None, "loss", "weight of A→E distribution matching alone (default: --lambda-dm)")
     relatedness: str = _f("prior", "loss", "relatedness table: prior, data (estimated on the training split and "
                           "saved in the run folder) or a JSON file")
     relatedness_alpha: float = _f(1.0, "loss", "prior pseudo-count α of the data-driven estimate")
     temperature: float = _f(1.0, "loss", "temperature T of the AU→expression softmaxes")
+    # Remedies around the objective (docs/method.md §7, fbn_fast.coupling).
+    relatedness_background: str = _f("off", "loss", "per-AU background rates in the table, noisy-OR 1-(1-R)(1-b): "
+                                     "off, data (estimated from the training labels) or one rate for every AU",
+                                     metavar="off|data|RATE")
+    coupling_scarcity_au: float = _f(1000.0, "loss", "scale the couplings into the AUs (E→A) by the scarcity of AU "
+                                     "labels: the mean over AUs of N/(N+n), n = training images labelling the AU "
+                                     "(N: the half-point in images; 0: off)", metavar="N")
+    coupling_scarcity_expr: float = _f(1000.0, "loss", "the same for the couplings into the expressions (A→E), n = "
+                                       "training images per expression class (0: off)", metavar="N")
+    relatedness_refresh: int = _f(0, "loss", "re-estimate the table every this many steps from the labels and the "
+                                  "model's confident predictions (0: off)", metavar="STEPS")
+    refresh_confidence: float = _f(0.9, "loss", "softmax confidence above which an unlabelled sample's predicted "
+                                   "expression counts in --relatedness-refresh")
+    refresh_strength: float = _f(1000.0, "loss", "pseudo-count per class pulling --relatedness-refresh towards the "
+                                 "starting table")
     loss_backend: str = _f("auto", "loss", "objective backend: auto, torch, triton, cpu, cuda")
     # ---- profile
     nvtx: bool = _f(True, "profile", "NVTX ranges around data, forward, loss, backward, optimizer (CUDA only)")
@@ -171,6 +195,12 @@ class TrainConfig:
         cfg.validate()
         return cfg
 
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any], where: str = "checkpoint") -> TrainConfig:
+        """A configuration saved with a run, as that run trained: unknown keys are ignored and the options it
+        predates take the value they had then (:data:`SAVED_BEFORE`), not today's default."""
+        return cls.from_dict(saved_values(values), strict=False, where=where)
+
     def replace(self, **changes: Any) -> TrainConfig:
         new = dataclasses.replace(self, **changes)
         new.validate()
@@ -192,9 +222,14 @@ class TrainConfig:
                 bad(name, "must be >= 1")
         for name in ("num_threads", "eval_every", "epoch_size", "num_workers", "steps", "warmup_steps",
                      "max_steps_per_run", "weight_decay", "momentum", "grad_clip", "head_dropout", "lambda_ca",
-                     "lambda_dm", "lambda_ev", "relatedness_alpha"):
+                     "lambda_dm", "lambda_ev", "relatedness_alpha", "coupling_scarcity_au", "coupling_scarcity_expr",
+                     "relatedness_refresh"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
+                bad(name, "must be finite and >= 0")
+        for name in COUPLING_DIRECTIONS:
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
                 bad(name, "must be finite and >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
             bad("lr", "must be > 0")
@@ -228,6 +263,27 @@ class TrainConfig:
             bad("loss_backend", f"must be one of {['auto', *LOSS_BACKENDS]}")
         if not self.relatedness:
             bad("relatedness", "must be prior, data or a file")
+        if self.relatedness_background not in ("off", "data"):
+            try:
+                rate = float(self.relatedness_background)
+            except ValueError:
+                rate = math.nan
+            if not 0.0 <= rate < 1.0:
+                bad("relatedness_background", "must be off, data or a rate in [0, 1)")
+        if self.relatedness_refresh and self.steps and self.relatedness_refresh > self.steps:
+            bad("relatedness_refresh", f"must be at most --steps ({self.steps}), or the table never changes")
+        if not 0.0 < self.refresh_confidence <= 1.0:
+            bad("refresh_confidence", "must be in (0, 1]")
+        if not (math.isfinite(self.refresh_strength) and self.refresh_strength > 0):
+            bad("refresh_strength", "must be > 0")
+
+    def loss_weights(self) -> dict[str, float | None]:
+        """The keywords of :class:`fbn_fast.losses.LossWeights` this run trains with (per-direction overrides
+        included)."""
+        out: dict[str, float | None] = {"ca": self.lambda_ca, "dm": self.lambda_dm, "ev": self.lambda_ev}
+        for name in COUPLING_DIRECTIONS:
+            out[name.removeprefix("lambda_")] = getattr(self, name)
+        return out
 
     def profile_range(self) -> tuple[int, int] | None:
         if not self.cuda_profile_steps:
@@ -242,6 +298,11 @@ class TrainConfig:
         if self.pretrained.lower() in ("true", "yes", "1"):
             return True
         return self.pretrained
+
+
+def saved_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` of a saved configuration with the options it predates set as they were then."""
+    return {**{k: v for k, v in SAVED_BEFORE.items() if k not in values}, **values}
 
 
 # ---------------------------------------------------------------------------------------------------- coercion

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -64,8 +64,9 @@ class TrainStep:
 
     def __init__(self, net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
                  *, device: torch.device, amp_dtype: torch.dtype | None = None, grad_clip: float = 0.0,
-                 nvtx: bool = False) -> None:
+                 nvtx: bool = False, observe: Callable[..., None] | None = None) -> None:
         self.net, self.loss_fn, self.optimizer, self.scheduler = net, loss_fn, optimizer, scheduler
+        self.observe = observe  # sees (z_e, z_a, expr, expr_mask, au, au_mask, bad) after every backward
         self.device, self.amp_dtype, self.grad_clip = device, amp_dtype, float(grad_clip)
         self.nvtx = Nvtx(nvtx and device.type == "cuda")
         self.scaler = grad_scaler(device, amp_dtype)
@@ -90,6 +91,8 @@ class TrainStep:
                 norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             if not scaled:
                 bad = bad | ~torch.isfinite(norm)
+        if self.observe is not None:  # after the backward: it may change the objective's table in place
+            self.observe(out.expr, out.au, batch["expr"], batch["expr_mask"], batch["au"], batch["au_mask"], bad)
         # The objective's own [total, *TERMS] vector (no re-stacking of nine tensors per step); a loss module
         # that builds its LossOutput without one gets it stacked from its terms.
         values = res.values

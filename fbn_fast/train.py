@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import coupling
 from . import distributed as fdist
 from .checkpoint import (
     capture_rng,
@@ -69,7 +70,7 @@ from .checkpoint import (
     save_checkpoint,
     training_record,
 )
-from .config import TrainConfig, dump_toml, explicit_values
+from .config import TrainConfig, dump_toml, explicit_values, saved_values
 from .data.synthface import default_synth_dir
 from .evaluate import evaluate, format_report
 from .faults import (
@@ -182,6 +183,7 @@ class Trainer:
         self.truth: HiddenTruth | None = None  # SynthFace's complete hidden labels, when the manifest has them
         self.loader: Loader | None = None
         self.relatedness: Relatedness | None = None
+        self.refresh: coupling.RelatednessRefresh | None = None  # --relatedness-refresh
         self.model: FaceBehaviorNet | None = None
         self.net: nn.Module | None = None  # the model as stepped: DDP-wrapped and/or compiled
         self.optimizer: torch.optim.Optimizer | None = None
@@ -342,7 +344,7 @@ class Trainer:
             self.relatedness = rel_mod.prior()
         elif cfg.relatedness == "data":
             m = self.manifest
-            rows = m.split_rows("train")
+            rows = self._training_rows()
             self.relatedness = rel_mod.estimate(m.expr[rows], m.au[rows], m.au_mask[rows], m.va[rows],
                                                 m.va_mask[rows], alpha=cfg.relatedness_alpha)
             self.relatedness.meta["manifest"] = str(self.manifest_path)
@@ -351,6 +353,42 @@ class Trainer:
             if not path.is_file():
                 raise ValueError(f"--relatedness: {cfg.relatedness!r} is neither 'prior', 'data' nor a file")
             self.relatedness = rel_mod.load(path, classes=EXPRESSIONS, aus=AUS)
+        if cfg.relatedness_background != "off":
+            if cfg.relatedness_background == "data":
+                rows = self._training_rows()
+                m = self.manifest
+                rates, how = coupling.background_rates(m.expr[rows], m.au[rows], m.au_mask[rows], self.relatedness)
+                log.info("background rates (--relatedness-background data): %s", ", ".join(
+                    f"{a} {r:.3f} ({h})" for a, r, h in zip(AUS, rates, how)))
+            else:
+                rates = np.full(len(AUS), float(cfg.relatedness_background))
+            try:
+                self.relatedness = coupling.with_background(self.relatedness, rates)
+            except ValueError as exc:
+                raise ValueError(f"--relatedness-background {cfg.relatedness_background}: {exc}") from None
+
+    def _training_rows(self) -> np.ndarray:
+        """The rows the training loader reads (the train split of the datasets this run trains on)."""
+        from .data.pipeline import select_rows
+
+        cfg = self.cfg
+        return select_rows(self.manifest, "train", list(cfg.datasets) or None,
+                           dict(zip(cfg.datasets, cfg.ratios)) if cfg.ratios else None)[0]
+
+    def _loss_weights(self) -> dict[str, float | None]:
+        """The objective's weights: the configured ones, scaled by label scarcity (--coupling-scarcity-*)."""
+        cfg = self.cfg
+        weights = cfg.loss_weights()
+        if cfg.coupling_scarcity_au > 0 or cfg.coupling_scarcity_expr > 0:
+            m = self.manifest
+            rows = self._training_rows()
+            counts = coupling.label_counts(m.expr[rows], m.expr_mask[rows], m.au_mask[rows], len(EXPRESSIONS))
+            scales = coupling.scarcity_scales(*counts, au=cfg.coupling_scarcity_au, expr=cfg.coupling_scarcity_expr)
+            weights = coupling.scaled_weights(weights, scales)
+            log.info("coupling scaled by label scarcity: into the AUs x%.3f (--coupling-scarcity-au %g), into the "
+                     "expressions x%.3f (--coupling-scarcity-expr %g)", scales["au"], cfg.coupling_scarcity_au,
+                     scales["expression"], cfg.coupling_scarcity_expr)
+        return weights
 
     def _prepare_model(self) -> None:
         cfg = self.cfg
@@ -371,9 +409,13 @@ class Trainer:
         self.total_steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * len(self.loader)))
         self.schedule = WarmupCosine(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
-        weights = LossWeights(ca=cfg.lambda_ca, dm=cfg.lambda_dm, ev=cfg.lambda_ev)
+        weights = LossWeights(**self._loss_weights())
         self.loss_fn = FaceBehaviorLoss(self.relatedness, weights=weights, temperature=cfg.temperature,
                                         backend=cfg.loss_backend, classes=EXPRESSIONS, aus=AUS).to(self.device)
+        if cfg.relatedness_refresh > 0:
+            self.refresh = coupling.RelatednessRefresh(self.loss_fn.relatedness, every=cfg.relatedness_refresh,
+                                                       confidence=cfg.refresh_confidence,
+                                                       strength=cfg.refresh_strength)
         from .losses import resolve_backend
 
         self.loss_backend = resolve_backend(cfg.loss_backend, self.device)
@@ -385,7 +427,8 @@ class Trainer:
             net = torch.compile(net, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
         self.net = net
         self.stepper = TrainStep(net, self.loss_fn, self.optimizer, self.scheduler, device=self.device,
-                                 amp_dtype=self.amp_dtype, grad_clip=cfg.grad_clip, nvtx=cfg.nvtx)
+                                 amp_dtype=self.amp_dtype, grad_clip=cfg.grad_clip, nvtx=cfg.nvtx,
+                                 observe=self.refresh and self.refresh.observe)
         self.scaler = self.stepper.scaler
 
     def _checkpoint(self) -> dict[str, Any]:
@@ -415,6 +458,14 @@ class Trainer:
         # run gets its full --max-nonfinite again.
         self.counters.nonfinite_consecutive = 0
         same_world = int(ckpt.get("world_size", 1)) == self.env.world_size
+        saved_refresh = ckpt.get("refresh") or []
+        if self.refresh is not None and saved_refresh:
+            # The re-estimated table (the same on every rank), and this rank's sums when the world is the same.
+            own = saved_refresh[self.env.rank] if same_world and len(saved_refresh) == self.env.world_size else None
+            self.refresh.load_state_dict(own or {**saved_refresh[0], "counts": None, "sums": None})
+        elif saved_refresh:
+            log.warning("the checkpoint's relatedness table was re-estimated during training; without "
+                        "--relatedness-refresh this run continues from the table it started with")
         loaders, rngs = ckpt.get("loader") or [], ckpt.get("rng") or []
         if same_world and len(loaders) == self.env.world_size:
             self.loader.load_state_dict(loaders[self.env.rank])
@@ -462,6 +513,8 @@ class Trainer:
             "loader_backend": self.loader.backend, "total_steps": self.total_steps,
             "steps_per_epoch": len(self.loader), "manifest": str(self.manifest_path),
             "parameters": sum(p.numel() for p in self.model.parameters()), "torch": torch.__version__,
+            # the objective's weights as applied (after --coupling-scarcity-* scaling)
+            "loss_weights": dict(zip(TERMS, self.loss_fn.weights.vector())),
         }
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=1))
         log.info("run folder %s; %s", self.run_dir, ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -633,6 +686,8 @@ class Trainer:
         """Checkpoint this step (every rank contributes its loader position and RNG state; rank 0 writes)."""
         loader_states = fdist.all_gather_objects(self.loader.state_dict())
         rng_states = fdist.all_gather_objects(capture_rng())
+        # Each rank's running sums are its own until the next update: keep them per rank, like the loader's.
+        refresh = fdist.all_gather_objects(self.refresh.state_dict()) if self.refresh is not None else None
         path = None
         bad = nonfinite_tensors(self.model, self.optimizer) if self.main_rank else []
         if bad:
@@ -647,7 +702,8 @@ class Trainer:
                     path, model=self.model, step=self.step, optimizer=self.optimizer, scheduler=self.scheduler,
                     scaler=self.scaler, loader_states=loader_states, rng_states=rng_states,
                     config=self.cfg.to_dict(), relatedness=self.relatedness.to_json(),
-                    world_size=self.env.world_size, counters=asdict(self.counters), trained_on=self._trained_on())
+                    world_size=self.env.world_size, counters=asdict(self.counters), trained_on=self._trained_on(),
+                    refresh=refresh)
             self._last_checkpoint = path
             prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints, protect=(path,))
             log.info("checkpoint %s", path)
@@ -873,7 +929,8 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, run_dir, state, notes = resolve_resume(cfg)
         if ckpt is not None:
             # Continue with the run's own settings; options given now (e.g. a longer --steps) override them.
-            saved = {k: v for k, v in state["config"].items() if k in TrainConfig.fields() and k not in PER_INVOCATION}
+            saved = {k: v for k, v in saved_values(state["config"]).items()
+                     if k in TrainConfig.fields() and k not in PER_INVOCATION}
             cfg = TrainConfig.from_dict({**saved, **values}, where=f"{ckpt} + options")
     except ValueError as exc:
         parser.error(str(exc))

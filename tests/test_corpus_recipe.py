@@ -169,7 +169,7 @@ def test_recipes_take_pretrained_true_and_the_measured_lambda_ca(tmp_path):
     paper = TrainConfig.from_dict(load_recipe(repo / "training" / "paper.toml"))
     assert "pretrained = true" in (repo / "training" / "paper.toml").read_text()
     assert paper.pretrained_value() is True
-    for name in ("default", "paper", "ablation"):  # training/results/ablation_cpu.md: 0.5
+    for name in ("default", "paper", "ablation"):  # training/results/ablation_cpu_lambda_ca1.md: 0.5
         assert TrainConfig.from_dict(load_recipe(repo / "training" / f"{name}.toml")).lambda_ca == 0.5, name
     off = tmp_path / "off.toml"
     off.write_text("[model]\npretrained = false\n")
@@ -178,3 +178,19 @@ def test_recipes_take_pretrained_true_and_the_measured_lambda_ca(tmp_path):
     bad.write_text("[model]\npretrained = 1\n")
     with pytest.raises(ValueError, match="pretrained must be a string"):
         load_recipe(bad)
+
+
+def test_recipes_use_the_coupling_the_grid_chose():
+    """The recipes and the trainer's defaults follow the chosen variant of training/coupling_grid.toml (§7)."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    grid = tomllib.loads((repo / "training" / "coupling_grid.toml").read_text())
+    chosen = grid["variants"][grid["chosen"]]["options"]
+    assert chosen, "the chosen variant must say what it changes"
+    for name in ("default", "paper", "ablation"):
+        cfg = TrainConfig.from_dict(load_recipe(repo / "training" / f"{name}.toml"))
+        for key, value in chosen.items():
+            assert getattr(cfg, key) == value, (name, key)
+    for key, value in chosen.items():
+        assert getattr(TrainConfig(), key) == value, key

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,6 +307,9 @@ def test_bad_options_name_themselves(data, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The ablation's low-label regime (training/run_ablation.py)
+RECIPE = Path(__file__).resolve().parent.parent / "training" / "ablation.toml"
+
+
 def _run_ablation_module():
     import importlib.util
     from pathlib import Path
@@ -312,6 +317,7 @@ def _run_ablation_module():
     path = Path(__file__).resolve().parent.parent / "training" / "run_ablation.py"
     spec = importlib.util.spec_from_file_location("run_ablation", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
@@ -373,31 +379,83 @@ def test_low_label_manifest_rejects_bad_requests(data):
         low_label_manifest(m, keep_datasets=["nope"], au_rows={})
 
 
-def test_ablation_aggregates_seeds_and_checks_targets():
+def test_grid_aggregates_seeds_and_checks_targets(tmp_path):
     mod = _run_ablation_module()
 
-    def row(expr, unl, uar):
-        return {"expr_accuracy": expr, "expr_macro_f1": expr, "va_ccc": None, "au_a_mean_f1": 0.5,
-                "au_b_mean_f1": 0.4, "unlabelled_mean_f1": unl, "labelled_aus_mean_f1_truth": 0.6,
-                "unlabelled_aus": ["AU7"], "unlabelled_per_au_f1": {"AU7": unl},
+    def row(expr, five, uar, au14=0.2, seed=0):
+        per_au = dict.fromkeys(AUS, 0.5) | {"AU14": au14, "AU23": 0.3}
+        return {"seed": seed, "expr_accuracy": expr, "expr_macro_f1": expr, "va_ccc": 0.9, "au_a_mean_f1": 0.8,
+                "au_b_mean_f1": 0.7, "five_aus_mean_f1": five, "all_aus_mean_f1": 0.6, "per_au_f1": per_au,
                 "compound": {"accuracy": uar, "macro_f1": uar, "uar": uar},
                 "compound_rafdb": {"accuracy": uar + 0.1, "macro_f1": uar + 0.1, "uar": uar + 0.1}}
 
-    both = mod.aggregate([row(0.90, 0.40, 0.50), row(0.88, 0.44, 0.46)])
-    none = mod.aggregate([row(0.90, 0.20, 0.30), row(0.90, 0.30, 0.34)])
-    assert both["expr_accuracy"] == pytest.approx(0.89)
-    assert both["unlabelled_mean_f1_sd"] == pytest.approx(np.std([0.40, 0.44], ddof=1))
-    assert both["va_ccc"] is None and both["unlabelled_per_au_f1"]["AU7"] == pytest.approx(0.42)
-    assert both["compound_rafdb"]["uar"] == pytest.approx(0.58)
-    checks = {t["what"]: t["met"] for t in mod.targets({"both": both, "none": none})}
-    assert checks == {"both vs none, mean F1 on the unlabelled AUs": True,  # +0.17
-                      "both vs none, expression accuracy": True,  # -1.0 point exactly
-                      "zero-shot compound UAR, all classes (both)": True,  # 0.48
-                      "zero-shot compound UAR, RAF-DB's 11 classes (both)": True}  # 0.58
-    worse = mod.aggregate([row(0.87, 0.30, 0.30)])
-    checks = {t["what"]: t["met"] for t in mod.targets({"both": worse, "none": none})}
-    assert not any(checks.values())
-    # A run scored without the RAF-DB evaluation has no such column and no such target line.
-    old = {k: v for k, v in row(0.9, 0.4, 0.5).items() if k != "compound_rafdb"}
-    lines = [t["what"] for t in mod.targets({"both": mod.aggregate([old]), "none": none})]
-    assert "zero-shot compound UAR, RAF-DB's 11 classes (both)" not in lines
+    chosen = mod.aggregate([row(0.90, 0.40, 0.50, seed=0), row(0.88, 0.44, 0.46, seed=1)])
+    none = mod.aggregate([row(0.90, 0.20, 0.30), row(0.90, 0.30, 0.34, seed=1)])
+    assert chosen["expr_accuracy"] == pytest.approx(0.89) and chosen["seeds"] == [0, 1]
+    assert chosen["five_aus_mean_f1_sd"] == pytest.approx(np.std([0.40, 0.44], ddof=1))
+    assert chosen["compound_rafdb_uar"] == pytest.approx(0.58) and chosen["AU14"] == pytest.approx(0.2)
+    grid_file = tmp_path / "g.toml"
+    grid_file.write_text(f'recipe = "{RECIPE}"\nchosen = "c"\n[targets]\npublished_compound_uar = 0.48\n'
+                         '[variants.none]\noptions = { lambda_ca = 0.0 }\n[variants.c]\noptions = {}\n')
+    grid = mod.load_grid(grid_file)
+    assert [(r, v.name, s) for r, v, s in grid.cells()] == [("low", "none", 0), ("low", "c", 0),
+                                                            ("published", "none", 0), ("published", "c", 0)]
+    per_regime = tmp_path / "p.toml"
+    per_regime.write_text(f'recipe = "{RECIPE}"\n' + 'seeds = [4]\noptions = { lambda_dm = 0.5 }\n[variants.none]\n'
+                          'seeds = { published = [0, 1] }\noptions = { lambda_ca = 0.0 }\n[variants.x]\n')
+    cells = [(r, v.name, s) for r, v, s in mod.load_grid(per_regime).cells()]
+    assert cells == [("low", "x", 4), ("published", "none", 0), ("published", "none", 1), ("published", "x", 4)]
+    # the grid's options lie under every variant's own
+    assert mod.load_grid(per_regime).variants["none"].options == {"lambda_dm": 0.5, "lambda_ca": 0.0}
+    checks = {t["what"]: t["met"] for t in mod.check_targets(grid, {"low": {"c": chosen, "none": none},
+                                                                     "published": {"c": chosen, "none": none}})}
+    assert checks == {"published labels, c vs none: every metric within one sd or better": True,
+                      "published labels, c: zero-shot compound UAR (15 classes)": True,  # 0.48
+                      "published labels, c: F1 of AU14": True, "published labels, c: F1 of AU23": True,
+                      "low-label, c vs none: mean F1 on the never-labelled AUs": True,  # +0.17
+                      "low-label, c vs none: expression accuracy": True}  # -1.0 point exactly
+    worse = mod.aggregate([row(0.87, 0.30, 0.30, au14=0.0)])
+    checks = {t["what"]: t["met"] for t in mod.check_targets(grid, {"low": {"c": worse, "none": none},
+                                                                     "published": {"c": worse, "none": none}})}
+    assert [k for k, met in checks.items() if met] == ["published labels, c: F1 of AU23"]
+    md = mod.to_markdown({"machine": {"label": "cpu", "description": "2 cores", "torch": "2"}, "date": "d",
+                          "grid": "g.toml", "recipe_file": "r.toml", "regimes": {"published": "every label"},
+                          "rows": {"published": {"none": none, "c": chosen}}, "chosen": "c",
+                          "variants": {"none": {"options": {"lambda_ca": 0.0}}, "c": {"options": {}}},
+                          "targets": mod.check_targets(grid, {"published": {"c": chosen, "none": none}})})
+    assert "| **c** | recipe | 0,1 | 0.890 ± 0.014 |" in md and "| none | ca=0.0 |" in md and "— met" in md
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[variants.a]\noptions = { lambda_nope = 1 }\n", "lambda_nope"),
+    ("[variants.a]\nregimes = ['huge']\n", "huge"),
+    ("baseline = 'a'\nchosen = 'b'\n[variants.a]\n", "chosen = 'b'"),
+    ("[variants.a]\n", "baseline = 'none'"),
+    ("[variants.a]\nwhat = 1\n", "'what'"),
+    ("seeds = [0]\n", "no [variants"),
+    ("nonsense = 1\n[variants.none]\n", "'nonsense'"),
+    ("[targets]\nuar = 1\n[variants.none]\n", "'uar'"),
+    ("[variants.none]\noptions = { lambda_ca = -1.0 }\n", "--lambda-ca"),
+    ("[variants.none]\nregimes = ['low']\nseeds = { published = [1] }\n", "seeds for regimes ['published']"),
+])
+def test_grid_file_errors_name_the_key(tmp_path, text, needle):
+    mod = _run_ablation_module()
+    path = tmp_path / "bad.toml"
+    path.write_text(f'recipe = "{RECIPE}"\n' + text)
+    with pytest.raises(ValueError, match="bad.toml") as exc:
+        mod.load_grid(path)
+    assert needle in str(exc.value)
+
+
+def test_grid_option_flags_are_train_options():
+    mod = _run_ablation_module()
+    flags = mod.option_flags({"lambda_dm_ea": 1.0, "relatedness": "data", "channels_last": False, "datasets": ["a"]})
+    assert flags == ["--lambda-dm-ea", "1.0", "--relatedness", "data", "--no-channels-last", "--datasets", "a"]
+    from fbn_fast.config import parse_args
+
+    cfg = parse_args(flags)
+    assert cfg.lambda_dm_ea == 1.0 and cfg.relatedness == "data" and not cfg.channels_last
+    # the grid in the repository reads, and every one of its variants is a valid set of options
+    grid = mod.load_grid(Path(__file__).resolve().parent.parent / "training" / "coupling_grid.toml")
+    for v in grid.variants.values():
+        parse_args(mod.option_flags(v.options))

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tiny_corpus import option_argv
 
-from fbn_fast import relatedness
+from fbn_fast import coupling, relatedness
 from fbn_fast import train as train_module
 from fbn_fast.checkpoint import find_checkpoints, latest_checkpoint, load_checkpoint, load_model
 from fbn_fast.config import SECTIONS, TrainConfig, dump_toml, load_recipe, parse_args
@@ -78,13 +78,22 @@ def test_train_evaluate_run_folder(synth, tmp_path):
     np.testing.assert_allclose(saved.matrix, expected.matrix)
     np.testing.assert_allclose(saved.va_means, expected.va_means)
 
-    # one record per step with every term; the total is the λ-weighted sum of the terms
+    # the weights applied: λ scaled by label scarcity (the default --coupling-scarcity-au/-expr), in run.json
+    w = json.loads((run / "run.json").read_text())["loss_weights"]
+    counts = coupling.label_counts(m.expr[rows], m.expr_mask[rows], m.au_mask[rows], len(EXPRESSIONS))
+    scale = coupling.scarcity_scales(*counts, au=cfg.coupling_scarcity_au, expr=cfg.coupling_scarcity_expr)
+    assert 0 < scale["au"] < 1 and 0 < scale["expression"] < 1
+    want = {"expr": 1, "au": 1, "va": 1, "ca_ea": 0.5 * scale["au"], "ca_ae": 0.5 * scale["expression"],
+            "dm_ea": 0.25 * scale["au"], "dm_ae": 0.25 * scale["expression"], "dm_ev": 0.0}
+    assert w == pytest.approx(want)
+
+    # one record per step with every term; the total is the weighted sum of the terms
     recs = _records(run)
     assert [r["step"] for r in recs] == list(range(1, 25))
     for r in recs:
         t = r["loss"]
         assert r["images_per_s"] > 0 and r["lr"] > 0 and r["nonfinite_total"] == 0
-        weighted = t["expr"] + t["au"] + t["va"] + 0.5 * (t["ca_ea"] + t["ca_ae"]) + 0.25 * (t["dm_ea"] + t["dm_ae"])
+        weighted = sum(want[k] * t[k] for k in TERMS)
         assert math.isclose(t["total"], weighted, rel_tol=1e-4, abs_tol=1e-5)
     first = np.mean([r["loss"]["total"] for r in recs[:4]])
     last = np.mean([r["loss"]["total"] for r in recs[-4:]])
@@ -351,6 +360,14 @@ def _bad_recipe(tmp_path: Path, text: str) -> str:
     (["--loss-backend", "gpu"], "--loss-backend"),
     (["--resume", "/nonexistent/run/ckpt.pt"], "--resume"),
     (["--config", "/nonexistent/recipe.toml"], "--config"),
+    (["--relatedness-background", "often"], "--relatedness-background"),
+    (["--relatedness-background", "1.5"], "--relatedness-background"),
+    (["--lambda-dm-ea", "-1"], "--lambda-dm-ea"),
+    (["--coupling-scarcity-au", "-5"], "--coupling-scarcity-au"),
+    (["--coupling-scarcity-expr", "nan"], "--coupling-scarcity-expr"),
+    (["--refresh-confidence", "0"], "--refresh-confidence"),
+    (["--refresh-strength", "0"], "--refresh-strength"),
+    (["--steps", "10", "--relatedness-refresh", "11"], "--relatedness-refresh"),
 ])
 def test_bad_options_name_the_option(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:

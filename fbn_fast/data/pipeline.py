@@ -34,7 +34,7 @@ import collections
 import importlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -388,7 +388,10 @@ class Loader:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def _select_rows(manifest: Manifest, split: str, datasets, ratios) -> tuple[np.ndarray, list[int]]:
+def select_rows(manifest: Manifest, split: str, datasets: Sequence[str] | None = None,
+                ratios: Mapping[str, float] | None = None) -> tuple[np.ndarray, list[int]]:
+    """The rows (indices) of ``split`` of the datasets a loader of these ``datasets``/``ratios`` reads, and their
+    dataset codes; ``ValueError`` for ratios that do not match the datasets or a dataset without rows."""
     if datasets is None and ratios is not None:
         datasets = list(ratios)
     if datasets is None:
@@ -447,7 +450,7 @@ def build_loader(manifest: Manifest, root: str | os.PathLike, *, batch_size: int
     if drop_last is None:
         drop_last = train
     kind = resolve_backend(backend, dev)
-    rows, codes = _select_rows(manifest, split, datasets, ratios)
+    rows, codes = select_rows(manifest, split, datasets, ratios)
     outside = [r for r, why in manifest.select(rows).bad_rows() if "root" in why or "absolute" in why]
     if outside:
         r = int(rows[outside[0]])
