@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .labels import MISSING
-from .relatedness import Relatedness
+from .losses.reference import WEIGHT_GROUPS
+from .relatedness import Relatedness, class_au_counts, class_onehot
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +56,22 @@ def background_rates(expr: np.ndarray, au: np.ndarray, au_mask: np.ndarray, tabl
     num_classes, num_aus = r.shape
     if au.shape != (len(expr), num_aus) or au_mask.shape != au.shape:
         raise ValueError(f"au/au_mask have shapes {au.shape}/{au_mask.shape}, expected ({len(expr)}, {num_aus})")
-    labelled = expr != MISSING
-    active = au_mask & (au >= 0.5)
-    freq = np.bincount(expr[labelled], minlength=num_classes).astype(np.float64)
+    onehot = class_onehot(expr, num_classes)
+    annotated, active = class_au_counts(onehot, au, au_mask)
+    zero = r == 0
+    n_zero, active_zero = (annotated * zero).sum(0), (active * zero).sum(0)  # co-annotated, table entry 0
+    n_all, active_all = au_mask.sum(0), (au_mask & (au >= 0.5)).sum(0)      # every sample annotating k
+    freq = onehot.sum(0)
     pi = freq / freq.sum() if freq.sum() > 0 else np.full(num_classes, 1.0 / num_classes)
+    m = pi @ r
     rates = np.zeros(num_aus)
     how: list[str] = []
     for k in range(num_aus):
-        zero_cells = labelled & au_mask[:, k]
-        zero_cells[zero_cells] = r[expr[zero_cells], k] == 0
-        if zero_cells.sum() >= min_samples:
-            rates[k] = active[zero_cells, k].mean()
+        if n_zero[k] >= min_samples:
+            rates[k] = active_zero[k] / n_zero[k]
             how.append("co-annotated")
-        elif au_mask[:, k].sum() >= min_samples:
-            p_k = active[au_mask[:, k], k].mean()
-            m_k = float(pi @ r[:, k])
-            rates[k] = 1.0 - (1.0 - p_k) / (1.0 - m_k) if m_k < 1.0 else 0.0
+        elif n_all[k] >= min_samples:
+            rates[k] = 1.0 - (1.0 - active_all[k] / n_all[k]) / (1.0 - m[k]) if m[k] < 1.0 else 0.0
             how.append("marginal")
         else:
             how.append("none")
@@ -120,12 +120,12 @@ def scaled_weights(weights: Mapping[str, float | None], scales: Mapping[str, flo
     """The :class:`~fbn_fast.losses.LossWeights` keywords with each coupling direction scaled by the scarcity of
     the task it feeds: ``ca_ea``/``dm_ea`` (into the AUs) by ``scales["au"]``, ``ca_ae``/``dm_ae`` by
     ``scales["expression"]``."""
-    group = {"ca_ea": "ca", "dm_ea": "dm", "ca_ae": "ca", "dm_ae": "dm"}
     out = dict(weights)
-    for term, g in group.items():
-        base = weights.get(term)
-        base = weights[g] if base is None else base
-        out[term] = float(base) * scales["au" if term.endswith("_ea") else "expression"]
+    for group in ("ca", "dm"):
+        for term in WEIGHT_GROUPS[group]:
+            own = weights.get(term)
+            base = weights[group] if own is None else own
+            out[term] = float(base) * scales["au" if term.endswith("_ea") else "expression"]
     return out
 
 

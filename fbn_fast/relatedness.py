@@ -228,10 +228,8 @@ def estimate(
     if au.shape != (len(expr), num_aus) or au_mask.shape != au.shape:
         raise ValueError(f"au/au_mask have shapes {au.shape}/{au_mask.shape}, expected ({len(expr)}, {num_aus})")
     labelled = (expr != MISSING)
-    onehot = np.zeros((len(expr), num_classes))
-    onehot[np.flatnonzero(labelled), expr[labelled]] = 1.0
-    annotated = onehot.T @ au_mask.astype(np.float64)
-    active = onehot.T @ (au_mask * (au >= 0.5)).astype(np.float64)
+    onehot = class_onehot(expr, num_classes)
+    annotated, active = class_au_counts(onehot, au, au_mask)
     denom = annotated + alpha
     with np.errstate(invalid="ignore", divide="ignore"):
         matrix = np.where(denom > 0, (active + alpha * base.matrix) / np.where(denom > 0, denom, 1.0), base.matrix)
@@ -250,6 +248,23 @@ def estimate(
         "annotated_counts": annotated.astype(int).tolist(),
     }
     return Relatedness(matrix, base.classes, base.aus, va_means=va_means, source="data", meta=meta)
+
+
+def class_onehot(expr: np.ndarray, num_classes: int) -> np.ndarray:
+    """N×C one-hot rows of the expression labels (rows without one, ``MISSING``, all zero)."""
+    expr = np.asarray(expr, dtype=np.int64)
+    labelled = expr != MISSING
+    onehot = np.zeros((len(expr), num_classes))
+    onehot[np.flatnonzero(labelled), expr[labelled]] = 1.0
+    return onehot
+
+
+def class_au_counts(onehot: np.ndarray, au: np.ndarray, au_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C×K counts of co-annotated samples: AU ``k`` annotated, and annotated and active (>= 0.5), per class."""
+    au_mask = np.asarray(au_mask, dtype=bool)
+    annotated = onehot.T @ au_mask.astype(np.float64)
+    active = onehot.T @ (au_mask & (np.asarray(au) >= 0.5)).astype(np.float64)
+    return annotated, active
 
 
 def save(rel: Relatedness, path: str | os.PathLike) -> None:

@@ -270,6 +270,8 @@ class Job:
     synth_dir: Path
     runs_dir: Path
     steps: int
+    image_size: int
+    eval_batch_size: int
     threads: int
     five: tuple[str, ...]
     basic_datasets: tuple[str, ...]
@@ -284,7 +286,6 @@ def run_cell(job: Job) -> dict[str, Any]:
     import torch
 
     from fbn_fast.checkpoint import checkpoint_path, latest_checkpoint, load_model
-    from fbn_fast.config import load_recipe
     from fbn_fast.evaluate import evaluate
 
     torch.set_num_threads(job.threads)
@@ -319,10 +320,9 @@ def run_cell(job: Job) -> dict[str, Any]:
         rates = [r["images_per_s"] for r in records if r.get("kind") == "train" and r.get("images_per_s")]
         timing = {"train_seconds": round(time.perf_counter() - t0, 1),
                   "images_per_s": round(float(np.median(rates)), 1) if rates else None}
-    recipe = load_recipe(job.recipe)
-    image_size, batch = int(recipe.get("image_size", 64)), int(recipe.get("eval_batch_size", 256))
     model, _, _ = load_model(final, map_location=job.eval_device)
-    common = dict(split="test", batch_size=batch, image_size=image_size, device=job.eval_device, num_workers=1)
+    common = dict(split="test", batch_size=job.eval_batch_size, image_size=job.image_size, device=job.eval_device,
+                  num_workers=1)
     result = evaluate(model, job.published, job.synth_dir, no_label_aus=list(job.five),
                       truth_pools={BASIC: list(job.basic_datasets), COMPOUND_FACES: [COMPOUND_DATASET]}, **common)
     # The paper's zero-shot figure is a UAR over RAF-DB's eleven compound classes: score those apart.
@@ -621,7 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [Job(f"{regime}-{v.name}-s{seed}", regime, v.options, seed, grid.recipe,
                 low_path if regime == "low" else published, published,
-                synth_dir, runs_dir, cfg.steps, threads, five, basic, tuple(extra), args.device,
+                synth_dir, runs_dir, cfg.steps, cfg.image_size, cfg.eval_batch_size, threads, five, basic,
+                tuple(extra), args.device,
                 not args.skip_train)
             for regime, v, seed in grid.cells()]
     todo = [j for j in jobs if only is None or only.search(j.run)]
