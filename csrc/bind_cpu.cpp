@@ -20,7 +20,8 @@ T* ptr(std::uintptr_t p) {
 long long objective(bool is_double, long long B, int C, int K, std::uintptr_t ze, std::uintptr_t za,
                     std::uintptr_t v, std::uintptr_t expr, std::uintptr_t expr_mask, std::uintptr_t au,
                     std::uintptr_t au_mask, std::uintptr_t va, std::uintptr_t va_mask, std::uintptr_t relatedness,
-                    std::uintptr_t va_means, std::uintptr_t weights, double inv_temperature, double eps,
+                    std::uintptr_t va_means, std::uintptr_t pos_weight, std::uintptr_t weights,
+                    double inv_temperature, double eps,
                     std::uintptr_t terms, std::uintptr_t grad_ze, std::uintptr_t grad_za, std::uintptr_t grad_v,
                     int threads) {
     if (B < 1 || C < 1 || K < 1) throw std::invalid_argument("objective: B, C and K must be >= 1");
@@ -40,6 +41,7 @@ long long objective(bool is_double, long long B, int C, int K, std::uintptr_t ze
     a.va_mask = ptr<const std::uint8_t>(va_mask);
     a.relatedness = ptr<const void>(relatedness);
     a.va_means = ptr<const void>(va_means);
+    a.pos_weight = ptr<const void>(pos_weight);
     a.weights = ptr<const double>(weights);
     a.inv_temperature = inv_temperature;
     a.eps = eps;
@@ -80,11 +82,11 @@ void set_isa(py::object name) {
 PYBIND11_MODULE(_native, m) {
     m.doc() = "The fused FaceBehaviorNet objective on CPU (forward terms and gradients in one pass).";
     m.def("objective", &objective,
-          "Reads the 8 per-term weights (float64) at `weights`; writes the 9 terms and the gradients w.r.t. z_e, z_a, v into the given buffers; returns -1, or the "
+          "Reads the 8 per-term weights (float64) at `weights` and the K AU positive weights at `pos_weight` (0: ones); writes the 9 terms and the gradients w.r.t. z_e, z_a, v into the given buffers; returns -1, or the "
           "first row whose expression class is outside [0, C) under a true mask.",
           py::arg("is_double"), py::arg("B"), py::arg("C"), py::arg("K"), py::arg("z_e"), py::arg("z_a"),
           py::arg("v"), py::arg("expr"), py::arg("expr_mask"), py::arg("au"), py::arg("au_mask"), py::arg("va"),
-          py::arg("va_mask"), py::arg("relatedness"), py::arg("va_means"), py::arg("weights"),
+          py::arg("va_mask"), py::arg("relatedness"), py::arg("va_means"), py::arg("pos_weight"), py::arg("weights"),
           py::arg("inv_temperature"), py::arg("eps"), py::arg("terms"), py::arg("grad_z_e"), py::arg("grad_z_a"),
           py::arg("grad_v"), py::arg("threads"));
     m.def("supported_isas", &supported_isas, "Instruction sets of the float32 body that this CPU runs.");

@@ -26,7 +26,7 @@ int max_blocks(int dtype, bool face, bool cooperative, int block, long long smem
 void launch(int dtype, bool face, bool cooperative, int device, std::uintptr_t stream, long long grid, long long block, long long smem,
             py::sequence ptrs, long long work_bytes, long long B, int C, int K, bool has_mu, bool use_smem,
             double inv_temperature, double eps) {
-    if (py::len(ptrs) != 18) throw std::invalid_argument("launch: ptrs must hold 18 addresses");
+    if (py::len(ptrs) != 19) throw std::invalid_argument("launch: ptrs must hold 19 addresses");
     fbn::CudaLaunch a{};
     a.dtype = dtype;
     a.face = face;
@@ -36,7 +36,7 @@ void launch(int dtype, bool face, bool cooperative, int device, std::uintptr_t s
     a.grid = grid;
     a.block = block;
     a.smem = smem;
-    for (int i = 0; i < 18; ++i) a.ptrs[i] = reinterpret_cast<void*>(ptrs[i].cast<std::uintptr_t>());
+    for (int i = 0; i < 19; ++i) a.ptrs[i] = reinterpret_cast<void*>(ptrs[i].cast<std::uintptr_t>());
     a.work_bytes = work_bytes;
     a.B = B;
     a.C = C;

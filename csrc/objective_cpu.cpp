@@ -293,6 +293,7 @@ long long run(const CpuArgs& a, int threads) {
     const long long nch = (B + kCpuChunkRows - 1) / kCpuChunkRows;
     const T* rel = static_cast<const T*>(a.relatedness);
     const T* mu = static_cast<const T*>(a.va_means);
+    const T* pw = static_cast<const T*>(a.pos_weight);
     const T* v = static_cast<const T*>(a.v);
     const T* va = static_cast<const T*>(a.va);
 
@@ -304,6 +305,7 @@ long long run(const CpuArgs& a, int threads) {
         tab[tab_sl1m(C, K) + c] = sl;
         for (int i = 0; i < 2; ++i) tab[tab_mu(C, K) + 2 * c + i] = mu ? mu[2 * c + i] : T(0);
     }
+    for (int k = 0; k < K; ++k) tab[tab_pw(C, K) + k] = pw ? pw[k] : T(1);
 
     // Pass 1: counts and VA moments per chunk, then the chunks in order.
     std::vector<double> part1(static_cast<size_t>(nch * NSUM1), 0.0);

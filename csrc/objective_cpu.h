@@ -19,6 +19,7 @@ struct CpuArgs {
     const std::uint8_t* va_mask;     // (B,) bool
     const void* relatedness;         // (C,K)
     const void* va_means;            // (C,2) or null
+    const void* pos_weight;          // (K,) weights of the AUs' positive labels in L_au, or null (ones)
     const double* weights;           // (8,) one per term: expr, au, va, ca_ea, ca_ae, dm_ea, dm_ae, dm_ev
     double inv_temperature, eps;
     void *terms, *grad_ze, *grad_za, *grad_v;  // (9,), (B,C), (B,K), (B,2)

@@ -162,7 +162,8 @@ __global__ void __launch_bounds__(256) objective_kernel(
     const TIn* __restrict__ ze, const TIn* __restrict__ za, const TIn* __restrict__ v,
     const long long* __restrict__ expr, const unsigned char* __restrict__ em, const T* __restrict__ au,
     const unsigned char* __restrict__ am, const T* __restrict__ va, const unsigned char* __restrict__ vm,
-    const T* __restrict__ rel, const T* __restrict__ mu, T* __restrict__ terms, T* __restrict__ total,
+    const T* __restrict__ rel, const T* __restrict__ mu, const T* __restrict__ pw, T* __restrict__ terms,
+    T* __restrict__ total,
     TIn* __restrict__ gze,
     TIn* __restrict__ gza, TIn* __restrict__ gv, unsigned char* __restrict__ work, const double* __restrict__ w,
     long long work_bytes, long long B, int C_rt, int K_rt, int has_mu, int use_smem, double inv_t, double eps,
@@ -204,6 +205,7 @@ __global__ void __launch_bounds__(256) objective_kernel(
             gtab[tab_mu(C, K) + 2 * c] = has_mu ? mu[2 * c] : T(0);
             gtab[tab_mu(C, K) + 2 * c + 1] = has_mu ? mu[2 * c + 1] : T(0);
         }
+        for (long long k = gtid; k < K; k += nthreads) gtab[tab_pw(C, K) + k] = pw ? pw[k] : T(1);
 
         // 1. Counts and VA moments.
         double s[NSUM1];
@@ -379,11 +381,11 @@ int cuda_launch(const CudaLaunch& a, char* err, int errlen) {
     long long work_bytes = a.work_bytes, B = a.B;
     int C = a.C, K = a.K, has_mu = a.has_mu, use_smem = a.use_smem, phase = PHASE_ALL;
     double inv_t = a.inv_temperature, eps = a.eps;
-    void* p[18];
-    for (int i = 0; i < 18; ++i) p[i] = a.ptrs[i];
-    void* args[] = {&p[0],  &p[1],  &p[2],  &p[3],  &p[4],  &p[5],  &p[6],       &p[7], &p[8], &p[9],
-                    &p[10], &p[11], &p[12], &p[13], &p[14], &p[15], &p[16],      &p[17], &work_bytes, &B,
-                    &C,     &K,     &has_mu, &use_smem, &inv_t, &eps, &phase};
+    void* p[19];
+    for (int i = 0; i < 19; ++i) p[i] = a.ptrs[i];
+    void* args[] = {&p[0],  &p[1],  &p[2],  &p[3],  &p[4],  &p[5],  &p[6],  &p[7],       &p[8], &p[9],
+                    &p[10], &p[11], &p[12], &p[13], &p[14], &p[15], &p[16], &p[17],      &p[18], &work_bytes,
+                    &B,     &C,     &K,     &has_mu, &use_smem, &inv_t, &eps, &phase};
     const dim3 grid(static_cast<unsigned>(a.grid)), block(static_cast<unsigned>(a.block));
     const size_t smem = static_cast<size_t>(a.smem);
     cudaStream_t stream = static_cast<cudaStream_t>(a.stream);

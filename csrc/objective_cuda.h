@@ -15,9 +15,9 @@ struct CudaLaunch {
     void* stream;
     long long grid, block, smem;
     // z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means (or null),
-    // terms, total (the compute dtype, or null), grad_z_e, grad_z_a, grad_v, workspace,
+    // pos_weight (the AUs' positive weights in L_au, or null: ones), terms, total (the compute dtype, or null), grad_z_e, grad_z_a, grad_v, workspace,
     // weights (8 float64 on the device, one per term: read by the kernel, so new values never recompile)
-    void* ptrs[18];
+    void* ptrs[19];
     long long work_bytes, B;
     int C, K, has_mu, use_smem;
     double inv_temperature, eps;

@@ -136,13 +136,15 @@ struct Dims {
 
 // Per-call tables derived from the relatedness matrix R (C×K), stored back to back:
 //   R (raw, the co-annotation targets), Rs = clip(R, eps, 1-eps), W = log Rs - log(1-Rs), L1m = log(1-Rs),
-//   then sum_k L1m[c,k] (C values) and the VA means mu (C×2, zeros without them).
-FBN_HD long long tab_size(int C, int K) { return 4LL * C * K + 3LL * C; }
+//   then sum_k L1m[c,k] (C values), the VA means mu (C×2, zeros without them) and the AUs' positive weights
+//   in L_au (K values, ones without them).
+FBN_HD long long tab_size(int C, int K) { return 4LL * C * K + 3LL * C + K; }
 FBN_HD long long tab_rs(int C, int K) { return 1LL * C * K; }
 FBN_HD long long tab_w(int C, int K) { return 2LL * C * K; }
 FBN_HD long long tab_l1m(int C, int K) { return 3LL * C * K; }
 FBN_HD long long tab_sl1m(int C, int K) { return 4LL * C * K; }
 FBN_HD long long tab_mu(int C, int K) { return 4LL * C * K + C; }
+FBN_HD long long tab_pw(int C, int K) { return 4LL * C * K + 3LL * C; }
 
 // Rs = clip(R, eps, 1 - eps).
 template <class T>
@@ -316,6 +318,7 @@ FBN_HD RowLoss<V> objective_row(const D& d, const T* tab, const Scales<T>& sc, R
     const T* l1m_t = tab + tab_l1m(C, K);
     const T* sl1m_t = tab + tab_sl1m(C, K);
     const T* mu_t = tab + tab_mu(C, K);
+    const T* pw_t = tab + tab_pw(C, K);
     const V me = row.me(), h = row.h();
 
     // p = softmax(z_e), and log p.
@@ -356,10 +359,12 @@ FBN_HD RowLoss<V> objective_row(const D& d, const T* tab, const Scales<T>& sc, R
         V l1s = ls - z;
         V s = select(z < zero, e * inv, inv);
         V s1 = select(z < zero, inv, e * inv);
-        L.au = L.au + m * -(y * ls + (one - y) * l1s);
+        // BCE with the positives weighted by w+: -(w+ y ls + (1 - y) l1s), gradient (w+ y + 1 - y) s - w+ y.
+        V py = y * pw_t[k];
+        L.au = L.au + m * -(py * ls + (one - y) * l1s);
         V mca = me * (one - m);
         L.ca_ea = L.ca_ea + mca * -(t * ls + (one - t) * l1s);
-        V g = m * (s - y) * sc.a_au + mca * (s - t) * sc.a_ca_ea;
+        V g = m * ((py + one - y) * s - py) * sc.a_au + mca * (s - t) * sc.a_ca_ea;
         // dm_ea: q = p·Rs[:, k], KLb(q || s).
         V q = zero;
         for (int c = 0; c < C; ++c) q = q + w.p[c] * rs_t[c * K + k];

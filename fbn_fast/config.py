@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: Options whose default changed after runs were saved without them, and the value such a run trained with.
-SAVED_BEFORE: dict[str, Any] = {"coupling_scarcity_au": 0.0, "coupling_scarcity_expr": 0.0}
+SAVED_BEFORE: dict[str, Any] = {"coupling_scarcity_au": 0.0, "coupling_scarcity_expr": 0.0, "au_pos_weight": "off"}
 #: The per-direction coupling weights (each ``None``: its group's λ).
 COUPLING_DIRECTIONS: tuple[str, ...] = ("lambda_ca_ea", "lambda_ca_ae", "lambda_dm_ea", "lambda_dm_ae")
 SECTIONS: tuple[str, ...] = ("run", "data", "model", "optim", "loss", "profile")
@@ -157,6 +157,9 @@ class TrainConfig:
                                      "(N: the half-point in images; 0: off)", metavar="N")
     coupling_scarcity_expr: float = _f(1000.0, "loss", "the same for the couplings into the expressions (A→E), n = "
                                        "training images per expression class (0: off)", metavar="N")
+    au_pos_weight: str = _f("balanced", "loss", "weight of each AU's positive labels in L_au: balanced (its training "
+                            "labels' negatives/positives, within [0.01, 100]) or off (1: plain BCE)",
+                            choices=("balanced", "off"))
     relatedness_refresh: int = _f(0, "loss", "re-estimate the table every this many steps from the labels and the "
                                   "model's confident predictions (0: off)", metavar="STEPS")
     refresh_confidence: float = _f(0.9, "loss", "softmax confidence above which an unlabelled sample's predicted "

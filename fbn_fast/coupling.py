@@ -1,5 +1,6 @@
 """Remedies around the co-training objective (docs/method.md §7): they change the table it reads or the weights
-it applies, never the objective itself, so every backend keeps computing the function of the reference.
+it applies (per term, or per AU's positive labels), never its formula, so every backend keeps computing the
+function of the reference.
 
 * :func:`background_rates` / :func:`with_background`: every AU also fires without the expressions that use
   it (spontaneously, or for reasons the table does not model). The table becomes the noisy-OR
@@ -9,6 +10,9 @@ it applies, never the objective itself, so every backend keeps computing the fun
   into a task (expression→AU into the AUs, AU→expression into the expressions) is scaled by the mean over its
   labels of ``N / (N + n)``, ``n`` the training images carrying that label: full where a label has none,
   fading where labels are plentiful. Each task has its own ``N`` (0: that task's couplings unscaled).
+* :func:`balanced_pos_weight`: a rare AU is a weak signal in ``L_au``: with 5 % positives, predicting "absent"
+  everywhere is nearly optimal and its F1 stays 0. Its positive labels are weighted by negatives/positives among
+  its training labels (``pos_weight`` of ``torch.nn.BCEWithLogitsLoss``), so both classes weigh the same.
 * :class:`RelatednessRefresh`: the table re-estimated during training from the model's own confident
   predictions (and the labels where a sample has them), regularised towards the starting table by a
   pseudo-count; it replaces the objective's table buffer every few steps (no gradient through the table).
@@ -28,13 +32,15 @@ from .relatedness import Relatedness, class_au_counts, class_onehot
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RelatednessRefresh", "background_rates", "label_counts", "scaled_weights", "scarcity_scales",
-           "with_background"]
+__all__ = ["RelatednessRefresh", "background_rates", "balanced_pos_weight", "label_counts", "scaled_weights",
+           "scarcity_scales", "with_background"]
 
 #: Fewest annotated samples of an AU that an estimate of its background rate needs.
 MIN_BACKGROUND_SAMPLES = 50
 #: Largest background rate accepted (a higher estimate says the table misses a relation, not a background).
 MAX_BACKGROUND = 0.5
+#: Bounds of a balanced positive weight: an AU seen positive once in 10^6 labels must not dominate the loss.
+POS_WEIGHT_RANGE = (0.01, 100.0)
 
 
 def background_rates(expr: np.ndarray, au: np.ndarray, au_mask: np.ndarray, table: Relatedness,
@@ -98,6 +104,20 @@ def label_counts(expr: np.ndarray, expr_mask: np.ndarray, au_mask: np.ndarray, n
     expr_mask = np.asarray(expr_mask, bool)
     return (np.bincount(expr[expr_mask], minlength=num_classes)[:num_classes],
             np.asarray(au_mask, bool).sum(0))
+
+
+def balanced_pos_weight(au: np.ndarray, au_mask: np.ndarray) -> np.ndarray:
+    """Per-AU weights of the positive labels in ``L_au``: negatives / positives among the annotated training
+    labels of each AU, clipped to :data:`POS_WEIGHT_RANGE`; 1 for an AU without both positive and negative
+    labels (nothing to balance)."""
+    au = np.asarray(au, np.float64)
+    au_mask = np.asarray(au_mask, bool)
+    if au.shape != au_mask.shape or au.ndim != 2:
+        raise ValueError(f"au/au_mask have shapes {au.shape}/{au_mask.shape}, expected one (N, K) shape")
+    pos = (au_mask & (au >= 0.5)).sum(0).astype(np.float64)
+    neg = au_mask.sum(0) - pos
+    both = (pos > 0) & (neg > 0)
+    return np.where(both, np.clip(neg / np.maximum(pos, 1.0), *POS_WEIGHT_RANGE), 1.0)
 
 
 def scarcity_scales(expr_counts: np.ndarray, au_counts: np.ndarray, *, au: float, expr: float

@@ -390,6 +390,17 @@ class Trainer:
                      scales["expression"], cfg.coupling_scarcity_expr)
         return weights
 
+    def _au_pos_weight(self) -> np.ndarray | None:
+        """The weights of the AUs' positive labels in L_au (--au-pos-weight), from the training labels."""
+        if self.cfg.au_pos_weight == "off":
+            return None
+        m = self.manifest
+        rows = self._training_rows()
+        weights = coupling.balanced_pos_weight(m.au[rows], m.au_mask[rows])
+        log.info("AU positive weights (--au-pos-weight balanced): %s",
+                 ", ".join(f"{a} {w:.2f}" for a, w in zip(AUS, weights)))
+        return weights
+
     def _prepare_model(self) -> None:
         cfg = self.cfg
         check_physical_limits(
@@ -411,7 +422,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         weights = LossWeights(**self._loss_weights())
         self.loss_fn = FaceBehaviorLoss(self.relatedness, weights=weights, temperature=cfg.temperature,
-                                        backend=cfg.loss_backend, classes=EXPRESSIONS, aus=AUS).to(self.device)
+                                        backend=cfg.loss_backend, classes=EXPRESSIONS, aus=AUS,
+                                        au_pos_weight=self._au_pos_weight()).to(self.device)
         if cfg.relatedness_refresh > 0:
             self.refresh = coupling.RelatednessRefresh(self.loss_fn.relatedness, every=cfg.relatedness_refresh,
                                                        confidence=cfg.refresh_confidence,
@@ -515,6 +527,8 @@ class Trainer:
             "parameters": sum(p.numel() for p in self.model.parameters()), "torch": torch.__version__,
             # the objective's weights as applied (after --coupling-scarcity-* scaling)
             "loss_weights": dict(zip(TERMS, self.loss_fn.weights.vector())),
+            "au_pos_weight": None if self.loss_fn.au_pos_weight is None else dict(
+                zip(AUS, self.loss_fn.au_pos_weight.tolist())),
         }
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=1))
         log.info("run folder %s; %s", self.run_dir, ", ".join(f"{k}={v}" for k, v in info.items()))

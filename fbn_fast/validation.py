@@ -54,6 +54,16 @@ def validate_relatedness(matrix: Any, num_classes: int | None = None, num_aus: i
         raise ValueError(_where(name, idx, float(m[idx])) + ", outside [0, 1]")
 
 
+def validate_pos_weight(weights: Any, num_aus: int | None = None, name: str = "au_pos_weight") -> None:
+    """K finite weights >= 0 (one per AU: the weight of its positive labels in ``L_au``)."""
+    w = _np(weights).astype(np.float64, copy=False)
+    _check_shape(name, w, (num_aus,))
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        idx = _first(bad)
+        raise ValueError(_where(name, idx, float(w[idx])) + ", expected a finite weight >= 0")
+
+
 def _label_sizes(num_classes: int | None, num_aus: int | None, relatedness: Any) -> tuple[int, int]:
     """``(C, K)`` for :func:`validate_labels`: given sizes must agree with the table's shape when both are given."""
     if relatedness is None:

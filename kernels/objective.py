@@ -139,13 +139,14 @@ if triton is not None:
     @triton.jit(do_not_specialize=["B", "C", "K", "nprog", "tab_stride", "s_ze1", "s_za1", "s_au1", "s_ma1",
                                    "s_ge1", "s_ga1", "s_r1"])
     def _objective_kernel(
-        ze_ptr, za_ptr, v_ptr, expr_ptr, me_ptr, au_ptr, ma_ptr, va_ptr, mv_ptr, r_ptr, mu_ptr,
+        ze_ptr, za_ptr, v_ptr, expr_ptr, me_ptr, au_ptr, ma_ptr, va_ptr, mv_ptr, r_ptr, mu_ptr, pw_ptr,
         terms_ptr, total_ptr, ge_ptr, ga_ptr, gv_ptr, sync_ptr, cnt_ptr, stat_ptr, part_ptr, tab_ptr, w_ptr,
         B, C, K, nprog, tab_stride,
         s_ze0, s_ze1, s_za0, s_za1, s_v0, s_v1, s_ex, s_me, s_au0, s_au1, s_ma0, s_ma1, s_va0, s_va1, s_mv,
-        s_r0, s_r1, s_mu0, s_mu1, s_ge0, s_ge1, s_ga0, s_ga1, s_gv0, s_gv1,
+        s_r0, s_r1, s_mu0, s_mu1, s_pw, s_ge0, s_ge1, s_ga0, s_ga1, s_gv0, s_gv1,
         inv_t_hi, inv_t_lo, eps_hi, eps_lo,
-        ACC: tl.constexpr, HAS_MU: tl.constexpr, BLOCK_B: tl.constexpr, CP: tl.constexpr, KP: tl.constexpr,
+        ACC: tl.constexpr, HAS_MU: tl.constexpr, HAS_PW: tl.constexpr, BLOCK_B: tl.constexpr, CP: tl.constexpr,
+        KP: tl.constexpr,
         CHUNK: tl.constexpr, DO_STATS: tl.constexpr, DO_MAIN: tl.constexpr, SYNC: tl.constexpr,
         RTNE_BF16: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
@@ -327,6 +328,8 @@ if triton is not None:
             if HAS_MU:
                 mu0 = tl.load(mu_ptr + cols_c * s_mu0, mask=cm, other=0).to(ACC)
                 mu1 = tl.load(mu_ptr + cols_c * s_mu0 + s_mu1, mask=cm, other=0).to(ACC)
+            if HAS_PW:  # the AUs' positive weights in L_au, one column of the AU tiles
+                pw = tl.load(pw_ptr + cols_k * s_pw, mask=km, other=1).to(ACC)[:, None]
 
             t_expr = tl.zeros((), ACC)
             t_au = tl.zeros((), ACC)
@@ -386,9 +389,15 @@ if triton is not None:
                         u = tl.where(sel, tl.sum(s * w_c, 0)[None, :], u)
                         ll = tl.where(sel, tl.sum(y * w_c + maf * l1_c, 0)[None, :], ll)
 
-                # Supervised AU: BCE over the annotated entries.
-                t_au += tl.sum(tl.sum(tl.where(ma, -(y * log_s + (1.0 - y) * log_1ms), 0.0), 0), 0)
-                g_a = s_au * tl.where(ma, s - y, 0.0)
+                # Supervised AU: BCE over the annotated entries, positives weighted by w+ (HAS_PW):
+                # -(w+ y log s + (1 - y) log(1 - s)), gradient (w+ y + 1 - y) s - w+ y.
+                if HAS_PW:
+                    py = y * pw
+                    t_au += tl.sum(tl.sum(tl.where(ma, -(py * log_s + (1.0 - y) * log_1ms), 0.0), 0), 0)
+                    g_a = s_au * tl.where(ma, (py + 1.0 - y) * s - py, 0.0)
+                else:
+                    t_au += tl.sum(tl.sum(tl.where(ma, -(y * log_s + (1.0 - y) * log_1ms), 0.0), 0), 0)
+                    g_a = s_au * tl.where(ma, s - y, 0.0)
                 h = (tl.sum(ma.to(tl.int32), 0) > 0) & (~me)
 
                 # Supervised expression: CE; an out-of-range class under the mask poisons the term with NaN.
@@ -595,12 +604,14 @@ def default_tile(c: int, k: int, dtype: torch.dtype) -> tuple[int, int, int]:
     reductions stay within a few threads, per-row scalars are not replicated 32 times, and no layout conversion
     is needed. The sizes come from ptxas's reports for sm_80 and sm_90 (``profiling/compile_targets.py``,
     tables in ``profiling/results/compile_triton-*.json``). Face shape, Triton 3.7.1: 8 rows on 2 warps use
-    at most 219 registers and spill nothing on either target for any logit dtype, where 16 rows on one warp
+    at most 229 registers with VA means and AU positive weights (210 without) and spill nothing on either
+    target for any logit dtype, where 16 rows on one warp
     spill 28-180 B a thread (float64: 1.5-1.9 KB) and 8 rows on one warp reach 237-255 registers (float64
     spills 152-432 B); float64 takes 2 rows on 2 warps (8 rows on 2 warps spill 32-128 B). Triton 3.6.0 spills
     nothing on sm_90 either (what the tests enforce) but 48 B on sm_80 without VA means (float32 single launch,
-    float64 both modes). C, K <= :data:`MAX_DIM` share these plans: C = K = 32 spills nothing (230-246
-    registers), the small test shapes (1×1 to 5×9), at 96-168 registers, spill 4-40 B on some kernels.
+    float64 both modes). C, K <= :data:`MAX_DIM` share these plans: C = K = 32 spills nothing (230-251
+    registers), the small test shapes (1×1 to 5×9), at 96-238 registers, spill 4-36 B on some kernels. (The
+    candidate tiles were compared before the AU positive weights existed: ``compile_triton-3.7.1-full.json``.)
     """
     return (2, 2, 1) if dtype == torch.float64 else (8, 2, 1)
 
@@ -658,14 +669,16 @@ def limits(z_e: Tensor, b: int, c: int, k: int) -> None:
 
 def triton_objective(
     z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor, au_mask: Tensor,
-    va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None, weights: Tensor | Sequence[float],
-    temperature: float, eps: float, *, split: bool | None = None, block_b: int | None = None,
+    va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None, au_pos_weight: Tensor | None,
+    weights: Tensor | Sequence[float], temperature: float, eps: float, *, split: bool | None = None,
+    block_b: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, programs: int | None = None,
     use_dot: bool | None = None, check: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The total (0-d), ``[total, *TERMS]`` (float32, float64 for float64 inputs) and the gradients of the total
     w.r.t. ``z_e``, ``z_a``, ``v``. ``weights``: one per term (a tensor on the device, which the kernel reads
-    from memory, so new values never recompile; or floats; or the six of ``WEIGHTS``).
+    from memory, so new values never recompile; or floats; or the six of ``WEIGHTS``); ``au_pos_weight``: (K,)
+    weights of the AUs' positive labels in ``L_au`` (``None``: 1).
 
     Backend ``triton``; ``check`` runs the op's input check (:func:`fbn_fast.losses.op.check_inputs`; the op
     itself calls this with ``check=False``, having checked). The keywords override the launch plan, for tests
@@ -677,7 +690,7 @@ def triton_objective(
     """
     if check:
         check_inputs("triton", z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means,
-                     weights, temperature, eps)
+                     au_pos_weight, weights, temperature, eps)
     if triton is None:
         raise RuntimeError(f"triton is not importable: {_IMPORT_ERROR}")
     b, c = z_e.shape
@@ -707,13 +720,15 @@ def triton_objective(
     wts = kernel_weights(weights, device)
     g_e, g_a, g_v = torch.empty_like(z_e), torch.empty_like(z_a), torch.empty_like(v)
     mu = relatedness if va_means is None else va_means  # placeholder pointer when there is no μ
+    pw = relatedness if au_pos_weight is None else au_pos_weight  # likewise without positive weights
     hi_lo = _scalar_args((1.0 / float(temperature), float(eps)))
     scalar_names = [f"{n}_{part}" for n in ("inv_t", "eps") for part in ("hi", "lo")]
     # Partial slots for the most programs this launch can have.
     slots = program_count(device, 1 << 62) if on_gpu else max(1, min(programs or 1, nblocks))
     kw = dict(
         ze_ptr=z_e, za_ptr=z_a, v_ptr=v, expr_ptr=expr, me_ptr=expr_mask, au_ptr=au, ma_ptr=au_mask, va_ptr=va,
-        mv_ptr=va_mask, r_ptr=relatedness, mu_ptr=mu, terms_ptr=terms, total_ptr=total, ge_ptr=g_e, ga_ptr=g_a,
+        mv_ptr=va_mask, r_ptr=relatedness, mu_ptr=mu, pw_ptr=pw, terms_ptr=terms, total_ptr=total, ge_ptr=g_e,
+        ga_ptr=g_a,
         gv_ptr=g_v,
         cnt_ptr=torch.empty(slots * _NCNT, dtype=torch.int32, device=device),
         stat_ptr=torch.empty(slots * _NSTAT, dtype=acc_t, device=device),
@@ -724,9 +739,11 @@ def triton_objective(
         s_v1=v.stride(1), s_ex=expr.stride(0), s_me=expr_mask.stride(0), s_au0=au.stride(0), s_au1=au.stride(1),
         s_ma0=au_mask.stride(0), s_ma1=au_mask.stride(1), s_va0=va.stride(0), s_va1=va.stride(1),
         s_mv=va_mask.stride(0), s_r0=relatedness.stride(0), s_r1=relatedness.stride(1), s_mu0=mu.stride(0),
-        s_mu1=mu.stride(1), s_ge0=g_e.stride(0), s_ge1=g_e.stride(1), s_ga0=g_a.stride(0), s_ga1=g_a.stride(1),
+        s_mu1=mu.stride(1), s_pw=pw.stride(0), s_ge0=g_e.stride(0), s_ge1=g_e.stride(1), s_ga0=g_a.stride(0),
+        s_ga1=g_a.stride(1),
         s_gv0=g_v.stride(0), s_gv1=g_v.stride(1), **dict(zip(scalar_names, hi_lo)),
-        ACC=acc, HAS_MU=va_means is not None, BLOCK_B=block, CP=c_pad, KP=k_pad, CHUNK=32 * num_warps,
+        ACC=acc, HAS_MU=va_means is not None, HAS_PW=au_pos_weight is not None, BLOCK_B=block, CP=c_pad, KP=k_pad,
+        CHUNK=32 * num_warps,
         RTNE_BF16=INTERPRET, USE_DOT=use_dot, DOT_PREC="tf32x3", num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -747,7 +764,8 @@ def triton_objective(
             fused = not split and coop
         if fused:
             kw["launch_cooperative_grid"] = True
-        key = (device, *(t.dtype for t in (z_e, z_a, v)), va_means is not None, c_pad, k_pad, block, num_warps,
+        key = (device, *(t.dtype for t in (z_e, z_a, v)), va_means is not None, au_pos_weight is not None, c_pad,
+               k_pad, block, num_warps,
                num_stages, fused, use_dot)
         occ = _OCC.get(key)
         if occ is None:

@@ -28,14 +28,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the loss test kit builds the batches (a source checkout only)
 
-from objective_cases import make_inputs  # noqa: E402
+from objective_cases import LOGITS, TABLES, make_inputs  # noqa: E402
 
 from fbn_fast import FaceBehaviorLoss  # noqa: E402
 from fbn_fast import relatedness as R  # noqa: E402
 from fbn_fast.losses import TERMS  # noqa: E402
 from fbn_fast.machine import cpu_model  # noqa: E402
-
-LOGITS = ("z_e", "z_a", "v")
 
 
 def _median_ms(step: Callable[[], None], iters: int, warmup: int) -> float:
@@ -53,7 +51,7 @@ def measure(backend: str, batch: int, iters: int, warmup: int) -> dict[str, floa
     """Milliseconds per forward+backward for each way of use on ``backend``."""
     inputs = make_inputs(batch, 7, 17, seed=0)
     logits = [inputs[n].float().requires_grad_() for n in LOGITS]
-    labels = {k: v for k, v in inputs.items() if k not in LOGITS and k not in ("relatedness", "va_means")}
+    labels = {k: v for k, v in inputs.items() if k not in LOGITS and k not in TABLES}
     table = R.prior()
     plain = FaceBehaviorLoss(table, backend=backend)
     dterms = FaceBehaviorLoss(table, backend=backend, differentiable_terms=True)

@@ -76,9 +76,10 @@ def machine(device: torch.device) -> dict:
 
 
 def training_batch(b: int, rel: torch.Tensor, seed: int = 0) -> Case:
-    """The kit's batch shaped like a mixed training batch (every task partly labelled), with the prior table."""
-    inputs = make_inputs(b, seed=seed, p_expr=0.6, p_au=0.4, p_va=0.4, au_rate=0.3)
-    return Case({**inputs, "relatedness": rel.cpu(), "va_means": None})
+    """The kit's batch shaped like a mixed training batch (every task partly labelled), with the prior table (no VA
+    means, no AU positive weights: the bare drop-in call)."""
+    inputs = make_inputs(b, seed=seed, p_expr=0.6, p_au=0.4, p_va=0.4, au_rate=0.3, mu=False, pos_weight=False)
+    return Case({**inputs, "relatedness": rel.cpu()})
 
 
 def step_inputs(case: Case, dtype: torch.dtype, device: torch.device) -> dict:
@@ -217,7 +218,7 @@ def triton_sweep(batches: list[int], dtype: torch.dtype, device: torch.device, r
         args = [case[n].detach() for n in LOGITS] + [case[n] for n in LABELS]
         for plan in plans:
             step = lambda plan=plan, args=args: kobj.triton_objective(  # noqa: E731
-                *args, rel, None, (1.0,) * 6, 1.0, 0.05, **plan)
+                *args, rel, None, None, (1.0,) * 6, 1.0, 0.05, **plan)
             try:
                 times = time_step(step, device, iters, warmup)
             except Exception as exc:  # a plan the card cannot run is reported, not fatal

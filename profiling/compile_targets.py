@@ -105,7 +105,8 @@ def machine() -> dict:
 # ---------------------------------------------------------------------------------------------- Triton
 @dataclass(frozen=True)
 class Plan:
-    """One launch of the Triton objective: shape, dtypes, VA means, mode and tile."""
+    """One launch of the Triton objective: shape, dtypes, VA means and AU positive weights (given together, as the
+    trainer passes them, or neither, as a bare drop-in call), mode and tile."""
 
     role: str  # "default" (the launcher's own plan), "test-shape", "candidate", "use_dot"
     c: int
@@ -117,6 +118,7 @@ class Plan:
     num_warps: int
     num_stages: int = 1
     use_dot: bool = False
+    pos_weight: bool = False
 
 
 def triton_plans(table: str) -> list[Plan]:
@@ -129,7 +131,7 @@ def triton_plans(table: str) -> list[Plan]:
     def add(role: str, c: int, k: int, dtype: str, mu: bool, modes: tuple[str, ...], tile=None, **kw) -> None:
         block, warps, stages = tile or default_tile(c, k, getattr(torch, dtype))
         for mode in modes:
-            p = Plan(role, c, k, dtype, mu, mode, block, warps, stages, **kw)
+            p = Plan(role, c, k, dtype, mu, mode, block, warps, stages, pos_weight=mu, **kw)
             if all((p.c, p.k, p.dtype, p.va_means, p.mode, p.block_b, p.num_warps, p.num_stages, p.use_dot)
                    != (q.c, q.k, q.dtype, q.va_means, q.mode, q.block_b, q.num_warps, q.num_stages, q.use_dot)
                    for q in plans):
@@ -171,7 +173,8 @@ def _case(plan: Plan, b: int = 64) -> list:
             torch.randn(b, 2, generator=g).to(dt), torch.randint(0, c, (b,), generator=g),
             torch.rand(b, generator=g) < 0.5, (torch.rand(b, k, generator=g) < 0.5).float(),
             torch.rand(b, k, generator=g) < 0.5, torch.rand(b, 2, generator=g), torch.rand(b, generator=g) < 0.5,
-            torch.rand(c, k, generator=g), torch.rand(c, 2, generator=g) if plan.va_means else None]
+            torch.rand(c, k, generator=g), torch.rand(c, 2, generator=g) if plan.va_means else None,
+            torch.rand(k, generator=g) * 4 + 0.5 if plan.pos_weight else None]
 
 
 def capture_launches(plan: Plan) -> list[tuple[str, tuple, dict]]:
@@ -248,7 +251,8 @@ def run_triton(plans: list[tuple[int, Plan]], archs: tuple[int, ...]) -> list[di
 
 def _fmt_row(r: dict) -> str:
     what = (f"{r.get('triton', '')} sm_{r['arch']} {r['c']}x{r['k']} {r['dtype']:<8} mu={int(r['va_means'])} "
-            f"{r['mode']:<6} {r['kernel']:<6} b{r['block_b']} w{r['num_warps']}{' dot' if r['use_dot'] else ''}")
+            f"pw={int(r.get('pos_weight', 0))} {r['mode']:<6} {r['kernel']:<6} b{r['block_b']} w{r['num_warps']}"
+            f"{' dot' if r['use_dot'] else ''}")
     if "error" in r:
         return f"{what}  ERROR {r['error'][:200]}"
     return (f"{what}  regs {r['regs']:3d} spill {r['spill_stores']:5d}/{r['spill_loads']:5d} B "

@@ -35,7 +35,7 @@ WIDE = 32
 
 LOGITS: tuple[str, ...] = ("z_e", "z_a", "v")
 LABELS: tuple[str, ...] = ("expr", "expr_mask", "au", "au_mask", "va", "va_mask")
-TABLES: tuple[str, ...] = ("relatedness", "va_means")
+TABLES: tuple[str, ...] = ("relatedness", "va_means", "au_pos_weight")
 #: Every input of the objective, in the order of ``reference_terms`` and the fused op.
 NAMES: tuple[str, ...] = (*LOGITS, *LABELS, *TABLES)
 ONES: tuple[float, ...] = (1.0,) * len(WEIGHTS)
@@ -122,11 +122,13 @@ class Outputs(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------- builders
 def make_inputs(b: int, c: int = 7, k: int = 17, *, seed: int = 0, scale: float = 2.0, p_expr: float = 0.5,
-                p_au: float = 0.5, p_va: float = 0.7, au_rate: float = 0.5, mu: bool = True) -> Inputs:
+                p_au: float = 0.5, p_va: float = 0.7, au_rate: float = 0.5, mu: bool = True,
+                pos_weight: bool = True) -> Inputs:
     """A random batch: logits in float64 (each backend's input dtype is a rounding of these), labels and tables
     in float32 (exact in every compute dtype), garbage in every label entry under a false mask.
 
-    ``p_expr``, ``p_au``, ``p_va``: the share of rows (AU entries) annotated; ``au_rate``: the share of active AUs.
+    ``p_expr``, ``p_au``, ``p_va``: the share of rows (AU entries) annotated; ``au_rate``: the share of active AUs;
+    ``mu``, ``pos_weight``: with VA means and AU positive weights (in [0.2, 5], both sides of plain BCE's 1).
     """
     g = torch.Generator().manual_seed(seed)
     f64 = torch.float64
@@ -144,6 +146,7 @@ def make_inputs(b: int, c: int = 7, k: int = 17, *, seed: int = 0, scale: float 
         "relatedness": rand(c, k),
         "va_means": (rand(c, 2) - 0.5) if mu else None,
     }
+    inputs["au_pos_weight"] = 0.2 + 4.8 * rand(k) if pos_weight else None
     return with_garbage(inputs, seed=seed + 1)
 
 
@@ -242,6 +245,7 @@ def _edge_cases() -> dict[str, Case]:
         "logits +-80": Case(extreme_logits(make_inputs(33, seed=8), seed=9)),
         "T=0.6": Case(make_inputs(40, seed=10), weights=weighted, temperature=0.6),
         "no VA means": Case(make_inputs(29, seed=11, mu=False)),
+        "plain BCE (no AU positive weights)": Case(make_inputs(31, seed=14, pos_weight=False)),
         "C=1, K=1": Case(make_inputs(12, 1, 1, seed=12), temperature=1.3),
         "C=3, K=5, eps=0.1": Case(make_inputs(9, 3, 5, seed=13), eps=0.1),
     }

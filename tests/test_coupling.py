@@ -1,5 +1,5 @@
 """The remedies around the objective (fbn_fast.coupling): background rates, scarcity scaling, table refresh,
-and their wiring into the trainer (options, weights, checkpoints, exact resume)."""
+balanced AU positive weights, and their wiring into the trainer (options, weights, checkpoints, exact resume)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,23 @@ def test_scarcity_scales_and_scaled_weights_by_hand():
         coupling.scarcity_scales(np.zeros(1), np.zeros(1), au=1.0, expr=-1.0)
 
 
+def test_balanced_pos_weight_counts_only_annotated_labels():
+    au = np.array([[1, 0, 1, 1, 1], [0, 0, 1, 0, 1], [0, 1, 1, 9, 1], [0, 0, 1, 9, 0], [9, 0, 1, 9, 9]], np.float32)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 1], [1, 1, 1, 0, 1], [0, 1, 1, 0, 0]], bool)
+    w = coupling.balanced_pos_weight(au, mask)
+    # AU 0: 1 positive, 3 negatives (row 4 unannotated, its 9 unread); AU 1: 1 of 5; AU 2: no negative (nothing
+    # to balance); AU 3: 1 of 2 (balanced already); AU 4: 3 of 4, a common AU's positives count less
+    np.testing.assert_allclose(w, [3.0, 4.0, 1.0, 1.0, 1 / 3])
+    rare = np.zeros((51, 1), np.float32)
+    rare[0] = 1
+    assert coupling.balanced_pos_weight(rare, np.ones_like(rare, bool))[0] == 50.0
+    rarer = np.zeros((10_000, 1), np.float32)  # 9,999 negatives per positive: clipped
+    rarer[0] = 1
+    assert coupling.balanced_pos_weight(rarer, np.ones_like(rarer, bool))[0] == coupling.POS_WEIGHT_RANGE[1]
+    with pytest.raises(ValueError, match="shapes"):
+        coupling.balanced_pos_weight(au, mask[:, :3])
+
+
 def test_refresh_blends_labels_and_confident_predictions_with_the_start_table():
     start = torch.full((C, K), 0.3, dtype=torch.float64)
     table = start.clone()
@@ -119,6 +136,27 @@ def test_per_direction_weights_reach_the_objective(synth, tmp_path):  # noqa: F8
         assert trainer.loss_fn.weights.vector() == pytest.approx((1, 1, 1, 0, 0, 0.7, 0, 1))
     finally:
         trainer.close()
+
+
+def test_balanced_au_positive_weights_reach_the_objective_and_the_run_record(synth, tmp_path):  # noqa: F811
+    assert main(_argv(synth, tmp_path, "pw", au_pos_weight="balanced")) == 0
+    cfg = parse_args(_argv(synth, tmp_path, "pw2", au_pos_weight="balanced"))
+    trainer = Trainer(cfg, fdist.init_distributed("cpu"))
+    try:
+        trainer.setup()
+        got = trainer.loss_fn.au_pos_weight
+        m = trainer.manifest
+    finally:
+        trainer.close()
+    rows = m.split_rows("train")
+    want = coupling.balanced_pos_weight(m.au[rows], m.au_mask[rows])
+    assert got is not None and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    assert not np.allclose(want, 1.0)  # the tiny corpus has unbalanced AUs: something to weight
+    recorded = json.loads((tmp_path / "pw" / "run.json").read_text())["au_pos_weight"]
+    assert list(recorded) == list(AUS) and list(recorded.values()) == pytest.approx(want.tolist(), rel=1e-6)
+    assert main(_argv(synth, tmp_path, "plain", au_pos_weight="off")) == 0
+    assert json.loads((tmp_path / "plain" / "run.json").read_text())["au_pos_weight"] is None
 
 
 def test_remedies_in_a_run_and_an_exact_resume(synth, tmp_path):  # noqa: F811 (the fixture)
@@ -191,8 +229,9 @@ def test_a_configuration_saved_before_scarcity_scaling_keeps_it_off():
     from fbn_fast.config import TrainConfig
 
     old = TrainConfig().to_dict()
-    for key in ("coupling_scarcity_au", "coupling_scarcity_expr"):
+    for key in ("coupling_scarcity_au", "coupling_scarcity_expr", "au_pos_weight"):
         del old[key]
     cfg = TrainConfig.from_saved(old)
-    assert cfg.coupling_scarcity_au == 0.0 and cfg.coupling_scarcity_expr == 0.0
+    assert cfg.coupling_scarcity_au == 0.0 and cfg.coupling_scarcity_expr == 0.0 and cfg.au_pos_weight == "off"
+    assert TrainConfig().au_pos_weight == "balanced"
     assert TrainConfig.from_saved(TrainConfig().to_dict()).coupling_scarcity_au == TrainConfig().coupling_scarcity_au

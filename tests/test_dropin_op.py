@@ -45,7 +45,7 @@ def loss(inputs: dict, backend: str, **kw):
 
 def reference_vector(inputs: dict, weights) -> torch.Tensor:
     return reference_terms(*(inputs[n] for n in LOGITS), *(inputs[n] for n in LABELS), inputs["relatedness"],
-                           inputs["va_means"], weights)
+                           inputs["va_means"], weights=weights)
 
 
 # ------------------------------------------------------------------------------------------- weights as data

@@ -459,3 +459,11 @@ def test_grid_option_flags_are_train_options():
     grid = mod.load_grid(Path(__file__).resolve().parent.parent / "training" / "coupling_grid.toml")
     for v in grid.variants.values():
         parse_args(mod.option_flags(v.options))
+
+
+def test_a_cached_cell_counts_options_it_predates_at_their_old_value():
+    mod = _run_ablation_module()
+    saved = {"lambda_ca": 0.0, "coupling_scarcity_au": 0.0}  # scored before --au-pos-weight existed
+    assert mod.trained_options(saved, {**saved, "au_pos_weight": "off"}) == {**saved, "au_pos_weight": "off"}
+    assert mod.trained_options(saved, {**saved, "au_pos_weight": "balanced"}) != {**saved, "au_pos_weight": "balanced"}
+    assert mod.trained_options(saved, saved) == saved  # an option the grid does not pin is not added

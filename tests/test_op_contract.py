@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from fbn_fast.kernels import objective as kobj  # triton is a test dependency: an import error fails here
-from objective_cases import WIDE
+from objective_cases import NAMES, WIDE
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fbn_fast.losses import available_backends, backends, cpu, cuda
@@ -18,7 +18,6 @@ from fbn_fast.losses.op import check_inputs, objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-NAMES = ("z_e", "z_a", "v", "expr", "expr_mask", "au", "au_mask", "va", "va_mask", "relatedness", "va_means")
 IMPLS = ("torch", "triton", "cpu", "cuda")
 needs_cpu_ext = pytest.mark.skipif(cpu._cpu_ext is None, reason=f"{cpu._cpu_missing}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -33,6 +32,7 @@ def make_case(b: int = 6, c: int = 7, k: int = 17, dtype: torch.dtype = torch.fl
         au_mask=torch.rand(b, k, generator=g) < 0.5, va=torch.rand(b, 2, generator=g, dtype=dtype) * 2 - 1,
         va_mask=torch.rand(b, generator=g) < 0.7, relatedness=torch.rand(c, k, generator=g, dtype=dtype),
         va_means=torch.rand(c, 2, generator=g, dtype=dtype) - 0.5,
+        au_pos_weight=torch.rand(k, generator=g, dtype=dtype) * 4,
     )
     return {n: t.to(device) for n, t in case.items()}
 
@@ -62,6 +62,9 @@ BAD = {
     "relatedness transposed": (_bad(relatedness=lambda t: t.T), {},
                                r"relatedness: shape \(17, 7\), expected \(7, 17\) from z_e and z_a"),
     "va_means columns": (_bad(va_means=lambda t: t[:, :1]), {}, r"va_means: shape \(7, 1\), expected \(7, 2\)"),
+    "au_pos_weight length": (_bad(au_pos_weight=lambda t: t[:8]), {},
+                             r"au_pos_weight: shape \(8,\), expected \(17,\) from z_e and z_a"),
+    "au_pos_weight integer": (_bad(au_pos_weight=lambda t: t.long()), {}, r"au_pos_weight: dtype torch.int64"),
     "z_e integer": (_bad(z_e=lambda t: t.long()), {}, r"z_e: dtype torch.int64, expected one of"),
     "v complex": (_bad(v=lambda t: t.to(torch.complex64)), {}, r"v: dtype torch.complex64"),
     "expr float": (_bad(expr=lambda t: t.double()), {}, r"expr: dtype torch.float64, expected an integer"),

@@ -231,13 +231,17 @@ def test_fused_op_compiles_fullgraph_on_cpu():
 
 def test_module_matches_functional_and_reports_backends():
     rel = R.prior()
-    loss = FaceBehaviorLoss(rel, weights=LossWeights(dm=0.5), temperature=2.0, backend="torch")
     batch = CASES["face 7x17"].at(torch.float32)
     batch.pop("relatedness")
     batch.pop("va_means")
+    pos = batch.pop("au_pos_weight")
+    loss = FaceBehaviorLoss(rel, weights=LossWeights(dm=0.5), temperature=2.0, backend="torch", au_pos_weight=pos)
     a = loss(**batch)
-    b = face_behavior_loss(**batch, relatedness=rel.tensor(), weights={"dm": 0.5}, temperature=2.0, backend="torch")
+    b = face_behavior_loss(**batch, relatedness=rel.tensor(), weights={"dm": 0.5}, temperature=2.0, backend="torch",
+                           au_pos_weight=pos)
     torch.testing.assert_close(a.total, b.total, rtol=0, atol=0)  # the same computation
+    plain = face_behavior_loss(**batch, relatedness=rel.tensor(), weights={"dm": 0.5}, temperature=2.0)
+    assert not torch.equal(plain.terms["au"], a.terms["au"])  # the module applied its positive weights
     report = available_backends("cpu")
     assert report["torch"] == "available" and set(report) == {"torch", "triton", "cpu", "cuda"}
     assert resolve_backend("auto", "cpu") in {"cpu", "torch"}

@@ -108,8 +108,9 @@ def test_through_the_op_module_and_autograd():
     assert_matches(Outputs(terms, *(t.grad / 3.0 for t in z)), case, F64)
 
     prior = rel_tables.prior()
-    module = FaceBehaviorLoss(prior, weights={"dm": 0.5}, temperature=2.0, backend="triton")
     inputs = case.at(F32)
+    module = FaceBehaviorLoss(prior, weights={"dm": 0.5}, temperature=2.0, backend="triton",
+                              au_pos_weight=inputs["au_pos_weight"])
     z = [inputs[n].requires_grad_() for n in LOGITS]
     got = module(*z, **{n: inputs[n] for n in LABELS})
     assert set(got.terms) == set(TERMS)

@@ -146,12 +146,12 @@ class Variant:
 
 @dataclass(frozen=True)
 class Grid:
-    """A grid file: the recipe, the variants (in file order), the baseline and the chosen coupling."""
+    """A grid file: the recipe, the variants (in file order), the baselines and the chosen coupling."""
 
     path: Path
     recipe: Path
     variants: dict[str, Variant]
-    baseline: str = "none"
+    baseline: tuple[str, ...] = ("none",)  # the chosen variant is held to each
     chosen: str | None = None
     targets: dict[str, float] = field(default_factory=dict)
 
@@ -164,7 +164,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     """Read a grid file; every error names the file and the key."""
     from fbn_fast.config import TrainConfig
 
-    path = Path(path)
+    path = Path(path).resolve()
     try:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -204,8 +204,9 @@ def load_grid(path: str | os.PathLike) -> Grid:
     if not variants:
         raise ValueError(f"{path}: no [variants.<name>] table")
     baseline = raw.get("baseline", "none")
+    baseline = (baseline,) if isinstance(baseline, str) else tuple(baseline)
     chosen = raw.get("chosen")
-    for key, name in (("baseline", baseline), ("chosen", chosen)):
+    for key, name in (*(("baseline", b) for b in baseline), ("chosen", chosen)):
         if name is not None and name not in variants:
             raise ValueError(f"{path}: {key} = {name!r} is not a variant ({list(variants)})")
     recipe = (path.parent / raw.get("recipe", "ablation.toml")).resolve()
@@ -215,6 +216,14 @@ def load_grid(path: str | os.PathLike) -> Grid:
         except ValueError as exc:
             raise ValueError(f"{path}: [variants.{v.name}]: {exc}") from None
     return Grid(path, recipe, variants, baseline, chosen, {k: float(v) for k, v in raw.get("targets", {}).items()})
+
+
+def trained_options(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a cached cell trained with: those it saved, plus the values of options it predates
+    (:data:`fbn_fast.config.SAVED_BEFORE`) where the grid now pins them."""
+    from fbn_fast.config import SAVED_BEFORE
+
+    return {**{k: v for k, v in SAVED_BEFORE.items() if k in wanted and k not in saved}, **saved}
 
 
 def _seeds(value: Any, regimes: Sequence[str], where: str) -> dict[str, tuple[int, ...]]:
@@ -294,7 +303,7 @@ def run_cell(job: Job) -> dict[str, Any]:
     final = checkpoint_path(run_dir, job.steps)
     if row_file.is_file() and final.is_file():
         row = json.loads(row_file.read_text())
-        if row.get("options", job.options) == job.options:
+        if trained_options(row.get("options", job.options), job.options) == job.options:
             return row
         print(f"[grid] {job.run}: its options changed since it was scored; scoring it again is not enough: "
               f"remove {run_dir} to retrain it", file=sys.stderr, flush=True)
@@ -424,7 +433,7 @@ def _describe(options: Mapping[str, Any]) -> str:
 
 
 def check_targets(grid: Grid, rows: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
-    """The grid's targets for its chosen variant against its baseline, on the measured rows (means over seeds).
+    """The grid's targets for its chosen variant against each baseline, on the measured rows (means over seeds).
 
     Published labels: no reported metric below the baseline's by more than one standard deviation (the larger
     of the two), compound UAR (15 classes) >= ``published_compound_uar``, every watched AU above F1 0.
@@ -432,7 +441,7 @@ def check_targets(grid: Grid, rows: Mapping[str, Mapping[str, Mapping[str, Any]]
     most ``low_expr_drop_points``.
     """
     out: list[dict[str, Any]] = []
-    name, base = grid.chosen, grid.baseline
+    name = grid.chosen
     if name is None:
         return out
     t = grid.targets
@@ -441,7 +450,9 @@ def check_targets(grid: Grid, rows: Mapping[str, Mapping[str, Mapping[str, Any]]
         out.append({"what": what, "value": value, "target": target, "met": bool(met)})
 
     pub = rows.get("published", {})
-    if name in pub and base in pub:
+    for base in grid.baseline:
+        if name not in pub or base not in pub:
+            continue
         c, b = pub[name], pub[base]
         worse = []
         for key, col in METRICS.items():
@@ -452,6 +463,8 @@ def check_targets(grid: Grid, rows: Mapping[str, Mapping[str, Mapping[str, Any]]
                 worse.append(f"{col} {c[key]:.3f} < {b[key]:.3f} - {sd:.3f}")
         add(f"published labels, {name} vs {base}: every metric within one sd or better",
             "; ".join(worse) or "no metric worse", "none worse", not worse)
+    if name in pub:
+        c = pub[name]
         if "published_compound_uar" in t and c["compound_uar"] is not None:
             add(f"published labels, {name}: zero-shot compound UAR (15 classes)", f"{c['compound_uar']:.3f}",
                 f">= {t['published_compound_uar']}", c["compound_uar"] >= t["published_compound_uar"] - 1e-12)
@@ -459,7 +472,9 @@ def check_targets(grid: Grid, rows: Mapping[str, Mapping[str, Mapping[str, Any]]
             if c[au] is not None:
                 add(f"published labels, {name}: F1 of {au}", f"{c[au]:.3f}", "> 0", c[au] > 0)
     low = rows.get("low", {})
-    if name in low and base in low:
+    for base in grid.baseline:
+        if name not in low or base not in low:
+            continue
         c, b = low[name], low[base]
         if c["five_aus_mean_f1"] is not None and b["five_aus_mean_f1"] is not None:
             gain = c["five_aus_mean_f1"] - b["five_aus_mean_f1"]
@@ -659,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "low_label": low.meta["low_label"],
         "variants": {n: {"options": v.own, "all_options": v.options, "seeds": {r: list(x) for r, x in v.seeds.items()},
                          "regimes": list(v.regimes), "about": v.about} for n, v in grid.variants.items()},
-        "baseline": grid.baseline,
+        "baseline": list(grid.baseline),
         "chosen": grid.chosen,
         "rows": rows,
         "targets": check_targets(grid, rows),

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..validation import validate_labels, validate_relatedness
+from ..validation import validate_labels, validate_pos_weight, validate_relatedness
 from .backends import BACKENDS, available_backends, resolve_backend
 from .distributed import global_objective
 from .op import KERNEL_WEIGHT_DTYPE, check_classes, check_inputs, compute_dtype, objective
@@ -191,6 +191,7 @@ def face_behavior_loss(
     differentiable_terms: bool = False,
     process_group: dist.ProcessGroup | None = None,
     counts: bool = False,
+    au_pos_weight: Tensor | None = None,
 ) -> LossOutput:
     """The objective of docs/method.md §3 for one batch; see :class:`FaceBehaviorLoss`.
 
@@ -199,7 +200,10 @@ def face_behavior_loss(
     as unlabelled on every sample. Masks are bool (or integer 0/1): float masks are rejected, not thresholded.
     ``weights``: :class:`LossWeights` (or a dict or sequence of floats for it), or a floating tensor of one
     weight per term (:data:`TERM_WEIGHTS`) on the logits' device, which may require grad and may change
-    every step without recompiling. ``differentiable_terms=True``: ``out.terms`` are differentiable too (the
+    every step without recompiling. ``au_pos_weight``: a (K,) floating tensor on the logits' device weighting
+    each AU's positive labels in ``L_au``, as ``pos_weight`` of ``torch.nn.BCEWithLogitsLoss`` (``None``: 1);
+    :func:`fbn_fast.coupling.balanced_pos_weight` derives it from training labels.
+    ``differentiable_terms=True``: ``out.terms`` are differentiable too (the
     fused backends' backward then relaunches their kernel once when a term's gradient is used).
     ``validate=True`` checks label values and the table first (a host sync: for debugging and data loading,
     not for the hot loop). An expression class outside [0, C) under a true mask raises ``ValueError`` on CPU
@@ -232,14 +236,16 @@ def face_behavior_loss(
     w = weights if torch.is_tensor(weights) else _weight_tensor(LossWeights.coerce(weights), dev)
 
     name = resolve_backend(backend, dev)
-    args = (z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means, w, float(temperature),
-            float(eps))
+    args = (z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means, au_pos_weight, w,
+            float(temperature), float(eps))
     if name == "torch" or validate or process_group is not None:
         # The op's contract here too where something reads the labels before the op (which checks every
         # fused call itself): the reference (no op), the label validation, a DDP reduction. No host sync.
         _, c, k = check_inputs(name, *args)
         if validate:
             validate_relatedness(relatedness, c, k)
+            if au_pos_weight is not None:
+                validate_pos_weight(au_pos_weight, k)
             validate_labels(expr, expr_mask, au, au_mask, va, va_mask, num_classes=c, num_aus=k, batch=b)
         if name == "torch" and not torch.compiler.is_compiling():  # data-dependent; compiled, a bad class is NaN
             check_classes(expr, expr_mask, c)
@@ -247,7 +253,7 @@ def face_behavior_loss(
     def run(weights: Tensor) -> tuple[Tensor, Tensor]:
         """The total and the vector ``[total, *TERMS]`` of this batch with the per-term weight tensor
         ``weights``."""
-        call = (*args[:11], weights, *args[12:])
+        call = (*args[:12], weights, *args[13:])
         if name == "torch":
             values = reference_terms(*call)
             return values[0], values
@@ -304,6 +310,9 @@ class FaceBehaviorLoss(TableModule):
             after DDP's mean, the gradient of the global batch. ``None``: each rank normalises its own batch.
         counts: also return ``out.counts``, the labelled entries per term (a few small kernels more per call;
             always there with ``process_group``).
+        au_pos_weight: K weights of the AUs' positive labels in ``L_au`` (``pos_weight`` of
+            ``torch.nn.BCEWithLogitsLoss``: > 1 counts a rare AU's positives more; ``None``: 1), a table like
+            ``relatedness`` (float32, saved only with ``persistent``).
     """
 
     def __init__(
@@ -321,6 +330,7 @@ class FaceBehaviorLoss(TableModule):
         differentiable_terms: bool = False,
         process_group: dist.ProcessGroup | None = None,
         counts: bool = False,
+        au_pos_weight=None,
     ) -> None:
         super().__init__(persistent)
         from ..relatedness import Relatedness
@@ -340,6 +350,11 @@ class FaceBehaviorLoss(TableModule):
             va_means = torch.as_tensor(np.asarray(va_means) if not torch.is_tensor(va_means) else va_means,
                                        dtype=torch.float32)
         self.register_table("va_means", va_means)
+        if au_pos_weight is not None:
+            au_pos_weight = torch.as_tensor(np.asarray(au_pos_weight) if not torch.is_tensor(au_pos_weight)
+                                            else au_pos_weight, dtype=torch.float32)
+            validate_pos_weight(au_pos_weight, matrix.shape[1])
+        self.register_table("au_pos_weight", au_pos_weight)
         self.weights = weights if torch.is_tensor(weights) else LossWeights.coerce(weights)
         # The float weights the buffer holds: a later assignment of other floats to ``weights`` bypasses it.
         self._buffered_weights = None if torch.is_tensor(weights) else self.weights
@@ -361,7 +376,7 @@ class FaceBehaviorLoss(TableModule):
                                   va_means=self.va_means, weights=weights, temperature=self.temperature,
                                   eps=self.eps, backend=self.backend, validate=self.validate,
                                   differentiable_terms=self.differentiable_terms, process_group=self.process_group,
-                                  counts=self.counts)
+                                  counts=self.counts, au_pos_weight=self.au_pos_weight)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FaceBehaviorLoss:
         old = self.term_weights

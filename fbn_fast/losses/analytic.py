@@ -6,7 +6,8 @@ as the derivation the kernels follow. Tests hold it to the autograd of :mod:`.re
 
 Per row b, with p = softmax(z_e), s = sigmoid(z_a), W = log Rs − log(1 − Rs):
 - expr:  ∂/∂z_e = m_e (p − onehot(y)) / n_e
-- au:    ∂/∂z_a = m_a (s − y) / n_a;   ca_ea: ∂/∂z_a = m_e ¬m_a (s − R[y]) / n_ca_ea
+- au:    ∂/∂z_a = m_a ((w⁺y + 1 − y) s − w⁺y) / n_a (w⁺: the AU's positive weight, 1 = plain BCE: s − y);
+         ca_ea: ∂/∂z_a = m_e ¬m_a (s − R[y]) / n_ca_ea
 - ca_ae: ∂/∂z_e = h (p − t) / n_ca_ae, t = softmax(ℓ_masked(y_a) / T)
 - dm_ea: q = p·Rs;  ∂/∂z_a = (s − q) / (B K);  ∂/∂q = (logit q − z_a) / (B K), pulled back through p
 - dm_ae: q_e = softmax(ℓ(s) / T);  ∂/∂z_e = (p − q_e) / B;
@@ -29,11 +30,12 @@ from .reference import CCC_EPS, au_log_likelihood, invalid_classes, relatedness_
 
 def analytic_terms_and_grads(
     z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor, au_mask: Tensor,
-    va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None, weights: Tensor | Sequence[float],
-    temperature: float, eps: float,
+    va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None, au_pos_weight: Tensor | None,
+    weights: Tensor | Sequence[float], temperature: float, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The total and ``[total, *TERMS]`` (float32, float64 for float64 logits) and the gradients of the total
-    w.r.t. ``z_e``, ``z_a``, ``v``; ``weights``: one per term (a tensor or floats; or the six of ``WEIGHTS``)."""
+    w.r.t. ``z_e``, ``z_a``, ``v``; ``weights``: one per term (a tensor or floats; or the six of ``WEIGHTS``);
+    ``au_pos_weight``: (K,) weights of the AUs' positive labels in ``L_au`` (``None``: 1)."""
     dt = torch.float64 if z_e.dtype == torch.float64 else torch.float32
     ze, za, vv = z_e.to(dt), z_a.to(dt), v.to(dt)
     b, k = za.shape
@@ -63,8 +65,10 @@ def analytic_terms_and_grads(
     l_expr = torch.where(bad.any(), torch.full_like(l_expr, float("nan")), l_expr)
     g_e = w_expr * mef[:, None] * (p - onehot) / n_e
     n_a = maf.sum().clamp(min=1.0)
-    l_au = -(y_a * log_s + (1 - y_a) * log_1ms).mul(maf).sum() / n_a
-    g_a = w_au * maf * (s - y_a) / n_a
+    # Positive labels weighted by w+: -(w+ y log s + (1 - y) log(1 - s)), gradient (w+ y + 1 - y) s - w+ y.
+    pos = y_a if au_pos_weight is None else au_pos_weight.to(dt) * y_a
+    l_au = -(pos * log_s + (1 - y_a) * log_1ms).mul(maf).sum() / n_a
+    g_a = w_au * maf * ((pos + 1 - y_a) * s - pos) / n_a
     m_ca = mef[:, None] * (1 - maf)
     n_ca = m_ca.sum().clamp(min=1.0)
     t_a = r_raw[cls]

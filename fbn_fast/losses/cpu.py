@@ -79,7 +79,7 @@ def limits(z_e: Tensor, b: int, c: int, k: int) -> None:
 
 def objective_cpu(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor,
                   au_mask: Tensor, va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None,
-                  weights: Tensor | Sequence[float], temperature: float, eps: float,
+                  au_pos_weight: Tensor | None, weights: Tensor | Sequence[float], temperature: float, eps: float,
                   threads: int | None = None, check: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ``cpu`` backend: ``[total, *TERMS]`` in the compute dtype (float64 for float64 logits) and the
     gradients of the total w.r.t. ``z_e``, ``z_a``, ``v`` in their dtypes. ``check`` runs the op's input check
@@ -87,7 +87,7 @@ def objective_cpu(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: 
     kernel from memory, or floats; or the six of ``WEIGHTS``)."""
     if check:
         check_inputs("cpu", z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means,
-                     weights, temperature, eps)
+                     au_pos_weight, weights, temperature, eps)
     if _cpu_ext is None:
         raise RuntimeError(f"backend 'cpu': {_cpu_missing}")
     b, c = z_e.shape
@@ -98,13 +98,15 @@ def objective_cpu(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: 
     me, ma, mv = (as_contiguous(t, torch.bool) for t in (expr_mask, au_mask, va_mask))
     ya, yv, rel = (as_contiguous(t, dt) for t in (au, va, relatedness))
     mu = None if va_means is None else as_contiguous(va_means, dt)
+    pw = None if au_pos_weight is None else as_contiguous(au_pos_weight, dt)
     wts = kernel_weights(weights, ze.device)
     terms = torch.empty(9, dtype=dt)
     ge, ga, gv = torch.empty_like(ze), torch.empty_like(za), torch.empty_like(vv)
     bad = _cpu_ext.objective(
         dt == torch.float64, b, c, k, ze.data_ptr(), za.data_ptr(), vv.data_ptr(), ex.data_ptr(), me.data_ptr(),
         ya.data_ptr(), ma.data_ptr(), yv.data_ptr(), mv.data_ptr(), rel.data_ptr(),
-        0 if mu is None else mu.data_ptr(), wts.data_ptr(), 1.0 / float(temperature), float(eps),
+        0 if mu is None else mu.data_ptr(), 0 if pw is None else pw.data_ptr(), wts.data_ptr(),
+        1.0 / float(temperature), float(eps),
         terms.data_ptr(), ge.data_ptr(), ga.data_ptr(), gv.data_ptr(), threads or get_num_threads())
     if bad >= 0:
         raise invalid_class_error(bad, int(ex[bad]), c)

@@ -169,7 +169,7 @@ def _cuda_path(path: str) -> str:
 # ------------------------------------------------------------------------------------------ workspace
 def _tab_size(c: int, k: int) -> int:
     """Entries of the relatedness tables: tab_size() of objective_math.h."""
-    return 4 * c * k + 3 * c
+    return 4 * c * k + 3 * c + k
 
 
 def _workspace_bytes(c: int, k: int, grid: int, block: int, itemsize: int, generic: bool) -> int:
@@ -193,7 +193,8 @@ def limits(z_e: Tensor, b: int, c: int, k: int) -> None:
 
 def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor,
                    au_mask: Tensor, va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None,
-                   weights: Tensor | Sequence[float], temperature: float, eps: float, path: str = "auto",
+                   au_pos_weight: Tensor | None, weights: Tensor | Sequence[float], temperature: float, eps: float,
+                   path: str = "auto",
                    total: Tensor | None = None, barrier: bool | None = None,
                    check: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ``cuda`` backend; ``check`` runs the op's input check (the op calls this with ``check=False``).
@@ -201,7 +202,8 @@ def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask:
     Returns ``[total, *TERMS]`` in the compute dtype and the gradients in the inputs' dtypes; ``total`` (a 0-d
     tensor of the compute dtype on the device), when given, also receives the total. ``weights``: one per term
     (a tensor on the device, which the kernel reads: new values never recompile; or floats; or the six of
-    ``WEIGHTS``). ``path``: ``built`` (the compiled
+    ``WEIGHTS``); ``au_pos_weight``: (K,) weights of the AUs' positive labels in ``L_au`` (``None``: 1).
+    ``path``: ``built`` (the compiled
     extension), ``nvrtc`` (cupy at run time) or ``auto`` (built when present; ``FBN_FAST_CUDA_NVRTC=1``
     forces NVRTC). ``barrier``: the grid-barrier mode instead of the split plan (``None``: the documented
     switch, :func:`fbn_fast.losses.backends.grid_barrier`). An expression class outside [0, C) under a true
@@ -209,7 +211,7 @@ def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask:
     """
     if check:
         check_inputs("cuda", z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means,
-                     weights, temperature, eps)
+                     au_pos_weight, weights, temperature, eps)
     path = _cuda_path(path)
     cooperative = grid_barrier() if barrier is None else barrier
     b, c = z_e.shape
@@ -223,6 +225,7 @@ def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask:
     me, ma, mv = (as_contiguous(t, torch.bool) for t in (expr_mask, au_mask, va_mask))
     ya, yv, rel = (as_contiguous(t, dt) for t in (au, va, relatedness))
     mu = None if va_means is None else as_contiguous(va_means, dt)
+    pw = None if au_pos_weight is None else as_contiguous(au_pos_weight, dt)
     itemsize = 8 if dt == torch.float64 else 4
     tab_bytes = _tab_size(c, k) * itemsize
     use_smem = tab_bytes <= _SMEM_TABLE_LIMIT
@@ -251,7 +254,8 @@ def objective_cuda(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask:
                          f"{total.dtype} on {total.device}")
     wts = kernel_weights(weights, dev)
     ptrs = [t.data_ptr() for t in (ze, za, vv, ex, me, ya, ma, yv, mv, rel)]
-    ptrs += [0 if mu is None else mu.data_ptr(), terms.data_ptr(), 0 if total is None else total.data_ptr()]
+    ptrs += [0 if t is None else t.data_ptr() for t in (mu, pw)]
+    ptrs += [terms.data_ptr(), 0 if total is None else total.data_ptr()]
     ptrs += [t.data_ptr() for t in (ge, ga, gv, work, wts)]
     stream = torch.cuda.current_stream(dev).cuda_stream
     if path == "built":

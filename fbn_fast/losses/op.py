@@ -43,9 +43,10 @@ from ..validation import check_shape
 from .analytic import analytic_terms_and_grads
 from .reference import TERM_WEIGHTS, TERMS, expand_weights, invalid_classes, weight_vector
 
-#: impl name -> function(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, R, mu, weights, T, eps)
-#: returning (total, terms, grad_z_e, grad_z_a, grad_v); ``weights`` is the (8,) per-term weight tensor on the
-#: inputs' device in the caller's floating dtype (the fused kernels read :func:`kernel_weights`); ``total`` and
+#: impl name -> function(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, R, mu, pos_weight, weights, T,
+#: eps) returning (total, terms, grad_z_e, grad_z_a, grad_v); ``weights`` is the (8,) per-term weight tensor on the
+#: inputs' device in the caller's floating dtype (the fused kernels read :func:`kernel_weights`); ``mu`` (C,2) and
+#: ``pos_weight`` (K,: the weight of each AU's positive labels in ``L_au``) may be ``None``; ``total`` and
 #: ``terms`` are in the compute dtype and ``total`` must not be a view of ``terms``.
 ImplFn = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]
 #: A backend's own limits: ``limits(z_e, B, C, K)`` raises ``ValueError`` (naming the tensor) for inputs that
@@ -60,7 +61,8 @@ KERNEL_WEIGHT_DTYPE = torch.float64
 
 #: Storage dtypes of ``z_e``, ``z_a``, ``v`` (and of their gradients) that every backend reads.
 LOGIT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_NAMES = ("z_e", "z_a", "v", "expr", "expr_mask", "au", "au_mask", "va", "va_mask", "relatedness", "va_means")
+_NAMES = ("z_e", "z_a", "v", "expr", "expr_mask", "au", "au_mask", "va", "va_mask", "relatedness", "va_means",
+          "au_pos_weight")
 
 
 def register_impl(name: str, fn: ImplFn, limits: LimitsFn | None = None, checks_classes: bool = False) -> None:
@@ -108,12 +110,14 @@ def as_contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def check_inputs(impl: str, z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor,
                  au_mask: Tensor, va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None,
-                 weights: Tensor | Sequence[float], temperature: float, eps: float) -> tuple[int, int, int]:
+                 au_pos_weight: Tensor | None, weights: Tensor | Sequence[float], temperature: float,
+                 eps: float) -> tuple[int, int, int]:
     """``B, C, K`` of a call of the op with backend ``impl``, after the one input check of the op's contract.
 
     Every problem raises ``ValueError`` naming the tensor (or argument): shapes, ``C, K >= 1`` (``B = 0`` is
     an empty batch), dtypes (logits in :data:`LOGIT_DTYPES`, integer class indices, bool or integer masks —
-    float masks are rejected, never thresholded — floating labels and tables), one device for all tensors,
+    float masks are rejected, never thresholded — floating labels, tables and ``au_pos_weight``), one device for
+    all tensors,
     the weights (a floating (8,) tensor on that device, or 8 floats, or the 6 of :data:`WEIGHTS`),
     ``temperature > 0``, ``0 < eps < 0.5``; then the limits that ``impl`` registered. Values are not read
     here (that would be a host sync).
@@ -124,8 +128,8 @@ def check_inputs(impl: str, z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, e
     k = z_a.shape[1]
     if c < 1 or k < 1:
         raise ValueError(f"z_e, z_a: C = {c} and K = {k} must be >= 1")
-    tensors = (z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means)
-    shapes = ((b, c), (b, k), (b, 2), (b,), (b,), (b, k), (b, k), (b, 2), (b,), (c, k), (c, 2))
+    tensors = (z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means, au_pos_weight)
+    shapes = ((b, c), (b, k), (b, 2), (b,), (b,), (b, k), (b, k), (b, 2), (b,), (c, k), (c, 2), (k,))
     dev = z_e.device
     for name, t, shape in zip(_NAMES, tensors, shapes):
         if t is None:
@@ -195,6 +199,7 @@ def _objective_op(
     va_mask: Tensor,
     relatedness: Tensor,
     va_means: Tensor | None,
+    au_pos_weight: Tensor | None,
     weights: Tensor,
     temperature: float,
     eps: float,
@@ -202,12 +207,11 @@ def _objective_op(
     differentiable_terms: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn = _impl(impl)
-    b, c, _ = check_inputs(impl, z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means,
-                           weights, temperature, eps)
+    tensors = (z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means, au_pos_weight)
+    b, c, _ = check_inputs(impl, *tensors, weights, temperature, eps)
     if impl not in _CHECKS_CLASSES:
         check_classes(expr, expr_mask, c)
-    return _launch(fn, (z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means),
-                   weights, temperature, eps)
+    return _launch(fn, tensors, weights, temperature, eps)
 
 
 def _launch(fn: ImplFn, tensors: tuple, weights: Tensor, temperature: float,
@@ -221,9 +225,11 @@ def _launch(fn: ImplFn, tensors: tuple, weights: Tensor, temperature: float,
 
 def objective(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor, au_mask: Tensor,
               va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None,
-              weights: Tensor | Sequence[float], temperature: float, eps: float, impl: str,
-              differentiable_terms: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              au_pos_weight: Tensor | None, weights: Tensor | Sequence[float], temperature: float, eps: float,
+              impl: str, differentiable_terms: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The op ``fbn_fast::objective``: ``(total, [total, *TERMS], grad_z_e, grad_z_a, grad_v)``.
+
+    ``au_pos_weight``: (K,) weights of the AUs' positive labels in ``L_au`` (``None``: plain BCE).
 
     ``weights``: the (8,) per-term tensor (:data:`~.reference.TERM_WEIGHTS`, on the logits' device; it may
     require grad), or 8 floats, or the 6 of :data:`WEIGHTS` (made into that tensor here). ``differentiable_terms``:
@@ -231,8 +237,8 @@ def objective(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tens
     """
     if not torch.is_tensor(weights):
         weights = weight_vector(weights, z_e.new_empty((), dtype=KERNEL_WEIGHT_DTYPE))
-    return _objective_op(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means, weights,
-                         float(temperature), float(eps), impl, bool(differentiable_terms))
+    return _objective_op(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means,
+                         au_pos_weight, weights, float(temperature), float(eps), impl, bool(differentiable_terms))
 
 
 def _impl(impl: str) -> ImplFn:
@@ -243,25 +249,25 @@ def _impl(impl: str) -> ImplFn:
 
 
 @_objective_op.register_fake
-def _(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means, weights, temperature, eps,
-      impl, differentiable_terms):
+def _(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means, au_pos_weight, weights,
+      temperature, eps, impl, differentiable_terms):
     _impl(impl)
-    check_inputs(impl, z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means, weights,
-                 temperature, eps)
+    check_inputs(impl, z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means, au_pos_weight,
+                 weights, temperature, eps)
     dt = compute_dtype(z_e)
     total = z_e.new_empty((), dtype=dt)
     terms = z_e.new_empty((1 + len(TERMS),), dtype=dt)
     return total, terms, torch.empty_like(z_e), torch.empty_like(z_a), torch.empty_like(v)
 
 
-_N_INPUTS = 11  # the tensors before ``weights`` in the op's signature
+_N_INPUTS = 12  # the tensors before ``weights`` in the op's signature
 
 
 def _setup_context(ctx, inputs, output) -> None:
     _, terms, g_e, g_a, g_v = output
     tensors, weights = inputs[:_N_INPUTS], inputs[_N_INPUTS]
     ctx.temperature, ctx.eps, ctx.impl, ctx.differentiable_terms = inputs[_N_INPUTS + 1:]
-    ctx.has_mu = tensors[-1] is not None
+    ctx.absent = tuple(i for i, t in enumerate(tensors) if t is None)  # the optional tables not given
     # Undefined incoming gradients stay None, so the backward can tell whether any term's gradient is used.
     ctx.set_materialize_grads(False)
     saved = [g_e, g_a, g_v, terms, weights]
@@ -283,8 +289,8 @@ def _backward(ctx, g_total, g_terms, _g_e, _g_a, _g_v):
             # d/dz of Σ_i (g w_i + g_i) L_i: the fused kernel again, weighted by c on the device.
             c = g.to(weights.dtype) * weights + g_terms[1:].to(weights.dtype)
             tensors = list(saved[5:])
-            if not ctx.has_mu:
-                tensors[-1] = None
+            for i in ctx.absent:
+                tensors[i] = None
             # Through the op (not its implementation), so that a compiled backward traces its fake version.
             grads = _objective_op(*tensors, c, ctx.temperature, ctx.eps, ctx.impl, False)[2:]
         else:

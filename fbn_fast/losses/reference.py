@@ -108,6 +108,7 @@ def reference_terms(
     va_mask: Tensor,
     relatedness: Tensor,
     va_means: Tensor | None = None,
+    au_pos_weight: Tensor | None = None,
     weights: Tensor | Sequence[float] = (1.0,) * 8,
     temperature: float = 1.0,
     eps: float = DEFAULT_EPS,
@@ -116,19 +117,21 @@ def reference_terms(
     order, also with respect to ``weights``: eight per-term weights, or the six of :data:`WEIGHTS`).
 
     Shapes: ``z_e`` (B,C), ``z_a`` (B,K), ``v`` (B,2), ``expr`` (B,) int, ``expr_mask`` (B,),
-    ``au``/``au_mask`` (B,K), ``va`` (B,2), ``va_mask`` (B,), ``relatedness`` (C,K), ``va_means`` (C,2).
+    ``au``/``au_mask`` (B,K), ``va`` (B,2), ``va_mask`` (B,), ``relatedness`` (C,K), ``va_means`` (C,2),
+    ``au_pos_weight`` (K,): the weight of each AU's positive labels in ``L_au`` (``None``: 1, plain BCE).
     Labels under a false mask are ignored whatever their value (NaN included); a class outside [0, C) under
     a true mask makes the ``expr`` term and the total NaN. An empty batch gives zeros.
     """
     # docs/method.md §3: fp32 computation whatever the input dtype, so autocast must not narrow the matmuls.
     with torch.autocast(z_e.device.type, enabled=False):
         return _reference_terms(z_e, z_a, v, expr, expr_mask, au, au_mask, va, va_mask, relatedness, va_means,
-                                weights, temperature, eps)
+                                au_pos_weight, weights, temperature, eps)
 
 
 def _reference_terms(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mask: Tensor, au: Tensor,
                      au_mask: Tensor, va: Tensor, va_mask: Tensor, relatedness: Tensor, va_means: Tensor | None,
-                     weights: Tensor | Sequence[float], temperature: float, eps: float) -> Tensor:
+                     au_pos_weight: Tensor | None, weights: Tensor | Sequence[float], temperature: float,
+                     eps: float) -> Tensor:
     dt = torch.float64 if z_e.dtype == torch.float64 else torch.float32
     ze, za, vv = z_e.to(dt), z_a.to(dt), v.to(dt)
     me, ma, mv = expr_mask.bool(), au_mask.bool(), va_mask.bool()
@@ -148,7 +151,8 @@ def _reference_terms(z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, expr_mas
     # Supervised terms.
     l_expr = _masked_mean(-log_p.gather(1, cls[:, None])[:, 0], me)
     l_expr = torch.where(bad.any(), torch.full_like(l_expr, float("nan")), l_expr)
-    bce = -(y_a * log_s + (1.0 - y_a) * log_1ms)
+    pos = y_a if au_pos_weight is None else au_pos_weight.to(dt) * y_a
+    bce = -(pos * log_s + (1.0 - y_a) * log_1ms)
     l_au = _masked_mean(bce, ma)
     l_va = _ccc_loss(vv, y_v, mv)
 
