@@ -359,12 +359,14 @@ FBN_HD RowLoss<V> objective_row(const D& d, const T* tab, const Scales<T>& sc, R
         V l1s = ls - z;
         V s = select(z < zero, e * inv, inv);
         V s1 = select(z < zero, inv, e * inv);
-        // BCE with the positives weighted by w+: -(w+ y ls + (1 - y) l1s), gradient (w+ y + 1 - y) s - w+ y.
+        // BCE with the positives weighted by w+: -(w+ y ls + (1 - y) l1s) = (1 - y) z - a ls with the entry's
+        // weight a = w+ y + 1 - y (l1s = ls - z); gradient a s - w+ y.
         V py = y * pw_t[k];
-        L.au = L.au + m * -(py * ls + (one - y) * l1s);
+        V a = py + one - y;
+        L.au = L.au + m * ((one - y) * z - a * ls);
         V mca = me * (one - m);
         L.ca_ea = L.ca_ea + mca * -(t * ls + (one - t) * l1s);
-        V g = m * ((py + one - y) * s - py) * sc.a_au + mca * (s - t) * sc.a_ca_ea;
+        V g = m * (a * s - py) * sc.a_au + mca * (s - t) * sc.a_ca_ea;
         // dm_ea: q = p·Rs[:, k], KLb(q || s).
         V q = zero;
         for (int c = 0; c < C; ++c) q = q + w.p[c] * rs_t[c * K + k];
