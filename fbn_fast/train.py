@@ -183,6 +183,7 @@ class Trainer:
         self.truth: HiddenTruth | None = None  # SynthFace's complete hidden labels, when the manifest has them
         self.loader: Loader | None = None
         self.relatedness: Relatedness | None = None
+        self._train_rows: np.ndarray | None = None  # the training loader's rows, selected once (_training_rows)
         self.refresh: coupling.RelatednessRefresh | None = None  # --relatedness-refresh
         self.model: FaceBehaviorNet | None = None
         self.net: nn.Module | None = None  # the model as stepped: DDP-wrapped and/or compiled
@@ -371,9 +372,11 @@ class Trainer:
         """The rows the training loader reads (the train split of the datasets this run trains on)."""
         from .data.pipeline import select_rows
 
-        cfg = self.cfg
-        return select_rows(self.manifest, "train", list(cfg.datasets) or None,
-                           dict(zip(cfg.datasets, cfg.ratios)) if cfg.ratios else None)[0]
+        if self._train_rows is None:
+            cfg = self.cfg
+            self._train_rows = select_rows(self.manifest, "train", list(cfg.datasets) or None,
+                                           dict(zip(cfg.datasets, cfg.ratios)) if cfg.ratios else None)[0]
+        return self._train_rows
 
     def _loss_weights(self) -> dict[str, float | None]:
         """The objective's weights: the configured ones, scaled by label scarcity (--coupling-scarcity-*)."""

@@ -221,9 +221,9 @@ def load_grid(path: str | os.PathLike) -> Grid:
 def trained_options(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
     """The options a cached cell trained with: those it saved, plus the values of options it predates
     (:data:`fbn_fast.config.SAVED_BEFORE`) where the grid now pins them."""
-    from fbn_fast.config import SAVED_BEFORE
+    from fbn_fast.config import saved_values
 
-    return {**{k: v for k, v in SAVED_BEFORE.items() if k in wanted and k not in saved}, **saved}
+    return {k: v for k, v in saved_values(saved).items() if k in saved or k in wanted}
 
 
 def _seeds(value: Any, regimes: Sequence[str], where: str) -> dict[str, tuple[int, ...]]:
@@ -538,15 +538,14 @@ def to_markdown(report: Mapping[str, Any]) -> str:
 def chosen_scales(options: Mapping[str, Any], cfg: Any, manifests: Mapping[str, Manifest]) -> dict[str, Any]:
     """Per regime: the training images per label and the factors ``--coupling-scarcity-*`` gives the couplings."""
     from fbn_fast import coupling
+    from fbn_fast.data.pipeline import select_rows
     from fbn_fast.labels import EXPRESSIONS
 
     au_half = float(options.get("coupling_scarcity_au", cfg.coupling_scarcity_au))
     expr_half = float(options.get("coupling_scarcity_expr", cfg.coupling_scarcity_expr))
     out = {}
     for regime, m in manifests.items():
-        rows = m.split_rows("train")
-        if regime == "low":
-            rows &= np.isin(m.dataset, [m.dataset_index(d) for d in (*EXPRESSION_DATASETS, AU_DATASET)])
+        rows = select_rows(m, "train", [*EXPRESSION_DATASETS, AU_DATASET] if regime == "low" else None)[0]
         expr_n, au_n = coupling.label_counts(m.expr[rows], m.expr_mask[rows], m.au_mask[rows], len(EXPRESSIONS))
         out[regime] = {"expression_images": expr_n.tolist(), "au_images": au_n.tolist(),
                        "scales": coupling.scarcity_scales(expr_n, au_n, au=au_half, expr=expr_half)}

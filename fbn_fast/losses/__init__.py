@@ -282,6 +282,11 @@ def _terms_only(run: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Callable[[Ten
     return local
 
 
+def _float32(table) -> Tensor:
+    """A table given as an array, a sequence or a tensor, as a float32 tensor."""
+    return torch.as_tensor(table if torch.is_tensor(table) else np.asarray(table), dtype=torch.float32)
+
+
 class FaceBehaviorLoss(TableModule):
     """The FaceBehaviorNet co-training objective as a module (docs/method.md §3).
 
@@ -341,18 +346,13 @@ class FaceBehaviorLoss(TableModule):
             if va_means is None:
                 va_means = relatedness.va_means
             relatedness = relatedness.matrix
-        matrix = torch.as_tensor(np.asarray(relatedness) if not torch.is_tensor(relatedness) else relatedness,
-                                 dtype=torch.float32)
+        matrix = _float32(relatedness)
         # A plain table is checked against the label names given with it (a Relatedness was checked above).
         validate_relatedness(matrix, None if classes is None else len(classes), None if aus is None else len(aus))
         self.register_table("relatedness", matrix)
-        if va_means is not None:
-            va_means = torch.as_tensor(np.asarray(va_means) if not torch.is_tensor(va_means) else va_means,
-                                       dtype=torch.float32)
-        self.register_table("va_means", va_means)
+        self.register_table("va_means", None if va_means is None else _float32(va_means))
         if au_pos_weight is not None:
-            au_pos_weight = torch.as_tensor(np.asarray(au_pos_weight) if not torch.is_tensor(au_pos_weight)
-                                            else au_pos_weight, dtype=torch.float32)
+            au_pos_weight = _float32(au_pos_weight)
             validate_pos_weight(au_pos_weight, matrix.shape[1])
         self.register_table("au_pos_weight", au_pos_weight)
         self.weights = weights if torch.is_tensor(weights) else LossWeights.coerce(weights)

@@ -117,8 +117,7 @@ def check_inputs(impl: str, z_e: Tensor, z_a: Tensor, v: Tensor, expr: Tensor, e
     Every problem raises ``ValueError`` naming the tensor (or argument): shapes, ``C, K >= 1`` (``B = 0`` is
     an empty batch), dtypes (logits in :data:`LOGIT_DTYPES`, integer class indices, bool or integer masks —
     float masks are rejected, never thresholded — floating labels, tables and ``au_pos_weight``), one device for
-    all tensors,
-    the weights (a floating (8,) tensor on that device, or 8 floats, or the 6 of :data:`WEIGHTS`),
+    all tensors, the weights (a floating (8,) tensor on that device, or 8 floats, or the 6 of :data:`WEIGHTS`),
     ``temperature > 0``, ``0 < eps < 0.5``; then the limits that ``impl`` registered. Values are not read
     here (that would be a host sync).
     """
